@@ -1,0 +1,295 @@
+"""The torch backend: CPU arenas (pinned at exact size when CUDA exists) and CUDA arenas.
+
+Views are ordinary tensors (never inference-mode tensors), so ``kv_obj.data.copy_(t)`` works anywhere.
+This module imports torch; the core imports it only when a torch pool or view is asked for.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from typing import Any
+
+import numpy as np
+import torch
+
+from lmcache.arena import HostArena, framework_of, host_array_of
+from lmcache.dtypes import DTypeSpec
+from lmcache.errors import (
+    ChunkTypeError,
+    ConfigError,
+    DeviceUnavailableError,
+    PoolTooLargeError,
+)
+from lmcache.layout import SlotLayout
+from lmcache.registry import load_adapter
+
+_GiB = float(2**30)
+
+
+def torch_dtype(spec: DTypeSpec) -> torch.dtype:
+    """Return the ``torch.dtype`` of a pool dtype (``torch.bfloat16`` for ``"bfloat16"``)."""
+    dtype = getattr(torch, spec.name, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ConfigError(f"torch {torch.__version__} has no dtype {spec.name}; upgrade torch")
+    return dtype
+
+
+class _Views:
+    """Makes contiguous ``(L, 2, n, H, D)`` views of slots of a 2-D torch arena with one call each."""
+
+    def __init__(self, whole: torch.Tensor, layout: SlotLayout) -> None:
+        self._whole = whole
+        self._layout = layout
+        self._slot_elems = layout.slot_elems
+        self._strides: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+
+    def view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        geometry = self._strides.get(num_tokens)
+        if geometry is None:
+            shape = self._layout.view_shape(num_tokens)
+            strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+            geometry = self._strides[num_tokens] = (shape, strides)
+        # One as_strided call is ~3x cheaper than slicing then reshaping.
+        return torch.as_strided(self._whole, geometry[0], geometry[1], slot * self._slot_elems)
+
+
+def _cudart() -> Any:
+    return torch.cuda.cudart()
+
+
+def _unregister(address: int) -> None:
+    try:
+        _cudart().cudaHostUnregister(address)
+    except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
+        pass
+
+
+class TorchCPUArena(HostArena):
+    """A host arena viewed as torch tensors; optionally page-locked at exactly its size.
+
+    torch's own ``pin_memory=True`` allocator rounds up to a power of two (a 33 GiB pool would pin
+    64 GiB); instead the lazily committed host buffer is registered with ``cudaHostRegister``, which pins
+    exactly ``nbytes``. The registration is released by :meth:`close` or when the arena is collected.
+    """
+
+    backend = "torch"
+
+    def __init__(self, layout: SlotLayout, num_slots: int, *, pin_memory: bool) -> None:
+        super().__init__(layout, num_slots)
+        self._dtype = torch_dtype(layout.dtype)
+        whole = torch.from_numpy(self.host).view(self._dtype).view(num_slots, layout.slot_elems)
+        self._whole = whole
+        self._views = _Views(whole, layout)
+        self._unpin: Any = None
+        if pin_memory:
+            self._pin()
+
+    def _pin(self) -> None:
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                "pin_memory=True needs a CUDA device, and torch sees none; pass pin_memory=False"
+            )
+        err = _cudart().cudaHostRegister(self.base_address, self.nbytes, 0)
+        if int(err) != 0:
+            raise PoolTooLargeError(
+                f"pinning the {self.nbytes / _GiB:.2f} GiB arena failed (cudaHostRegister error "
+                f"{int(err)}); the machine cannot page-lock that much: lower max_local_cache_size "
+                "or pass pin_memory=False"
+            )
+        self.pinned = True
+        self._unpin = weakref.finalize(self, _unregister, self.base_address)
+
+    def view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        """Return the tensor view of a chunk."""
+        return self._views.view(slot, num_tokens)
+
+    def _native(self, bits: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(bits).view(self._dtype)
+
+    def whole(self) -> torch.Tensor:
+        """Return the whole arena as a ``(num_slots, slot_elems)`` tensor."""
+        return self._whole
+
+    def close(self) -> None:
+        """Unpin the arena (its memory stays valid for outstanding views)."""
+        if self._unpin is not None:
+            self._unpin()
+            self.pinned = False
+
+
+class TorchCUDAArena:
+    """An arena in one CUDA device's memory, allocated once through torch's caching allocator."""
+
+    backend = "torch"
+    pinned = False
+    host = None
+
+    def __init__(self, layout: SlotLayout, num_slots: int, device: torch.device) -> None:
+        self.layout = layout
+        self.num_slots = num_slots
+        self.nbytes = layout.slot_bytes * num_slots
+        free, _total = torch.cuda.mem_get_info(device)
+        if self.nbytes > free:
+            raise PoolTooLargeError(
+                f"the GPU arena needs {self.nbytes / _GiB:.2f} GiB but {device} has "
+                f"{free / _GiB:.2f} GiB free; lower max_local_cache_size"
+            )
+        self._device = device
+        self.device = str(device)
+        self._dtype = torch_dtype(layout.dtype)
+        raw = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
+        self._whole = raw.view(self._dtype).view(num_slots, layout.slot_elems)
+        self.base_address = int(raw.data_ptr())
+        self._views = _Views(self._whole, layout)
+
+    def view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        """Return the CUDA tensor view of a chunk."""
+        return self._views.view(slot, num_tokens)
+
+    def whole(self) -> torch.Tensor:
+        """Return the whole arena as a ``(num_slots, slot_elems)`` CUDA tensor."""
+        return self._whole
+
+    def export(self, slot: int, num_tokens: int, target: str) -> Any:
+        """Return a chunk's view in ``target`` (torch or JAX; numpy cannot see device memory)."""
+        view = self.view(slot, num_tokens)
+        if target == "torch":
+            return view
+        if target == "numpy":
+            raise ChunkTypeError(
+                f"the chunk is in {self.device} memory, which numpy cannot view; "
+                "use kv_obj.clone('numpy') or kv_obj.copy_to(host_array)"
+            )
+        torch.cuda.current_stream(self._device).synchronize()
+        return load_adapter(target).from_dlpack(view)
+
+    def dlpack_producer(self, slot: int, num_tokens: int) -> Any:
+        """The chunk's CUDA tensor is itself a DLPack producer."""
+        return self.view(slot, num_tokens)
+
+    def copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
+        """Copy ``src`` into the chunk on the device; synchronize so the bytes are there on return."""
+        dst = self.view(slot, num_tokens)
+        dst.copy_(as_tensor(src))
+        torch.cuda.current_stream(self._device).synchronize()
+
+    def copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
+        """Copy the chunk into ``dst`` (a numpy array or a torch tensor on any device)."""
+        src = self.view(slot, num_tokens)
+        framework = framework_of(dst)
+        if framework == "torch":
+            dst.copy_(src)
+        elif framework == "numpy":
+            torch.from_numpy(dst.view(self.layout.dtype.bits_dtype)).view(self._dtype).copy_(src)
+        else:
+            raise ChunkTypeError(f"cannot copy into a {type(dst).__name__}; pass a numpy array or a tensor")
+        torch.cuda.current_stream(self._device).synchronize()
+
+    def close(self) -> None:
+        """Nothing to release: the memory goes when the last view does."""
+
+
+def as_tensor(src: Any) -> torch.Tensor:
+    """Return ``src`` (torch, numpy, JAX or a DLPack producer) as a tensor, without a copy where possible.
+
+    numpy arrays with negative or odd strides are made contiguous first (``torch.from_numpy`` rejects
+    negative strides, and ``torch.from_dlpack`` of such a view aborts the process).
+    """
+    framework = framework_of(src)
+    if framework == "torch":
+        return src  # type: ignore[no-any-return]
+    if framework == "jax" and _jax_on_gpu(src):
+        src.block_until_ready()
+        return torch.from_dlpack(src)
+    host = np.ascontiguousarray(host_array_of(src, framework))
+    bits = host.view(f"u{host.dtype.itemsize}") if host.dtype.itemsize in (1, 2, 4, 8) else host
+    return torch.from_numpy(bits).view(torch_dtype_of_numpy(host.dtype))
+
+
+def torch_dtype_of_numpy(dtype: np.dtype[Any]) -> torch.dtype:
+    """Return the torch dtype with the same name as a numpy / ml_dtypes dtype."""
+    from lmcache.dtypes import normalize_dtype
+
+    return torch_dtype(normalize_dtype(dtype))
+
+
+def _jax_on_gpu(array: Any) -> bool:
+    try:
+        return any(d.platform != "cpu" for d in array.devices())
+    except AttributeError:
+        return False
+
+
+class TorchAdapter:
+    """Adapter of the torch backend."""
+
+    name = "torch"
+
+    def create_arena(
+        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+    ) -> TorchCPUArena | TorchCUDAArena:
+        """Create a CPU arena (pinned by default when CUDA exists) or a CUDA arena."""
+        if device == "cpu":
+            pin = torch.cuda.is_available() if pin_memory is None else pin_memory
+            return TorchCPUArena(layout, num_slots, pin_memory=pin)
+        if pin_memory:
+            raise ConfigError("pin_memory applies to CPU pools only")
+        if not torch.cuda.is_available():
+            raise DeviceUnavailableError(
+                f"a GPU pool was asked for (device={device!r}) but torch sees no CUDA device; "
+                "use LocalCPUPool, or install a CUDA build of torch on a machine with a GPU"
+            )
+        if device == "gpu":
+            dev = torch.device("cuda", torch.cuda.current_device())
+        else:
+            try:
+                dev = torch.device(device)
+            except RuntimeError as exc:
+                raise ConfigError(f"unknown torch device {device!r}: {exc}") from exc
+            if dev.type != "cuda":
+                raise ConfigError(f"a torch GPU pool needs a CUDA device, got {device!r}")
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
+            if dev.index >= torch.cuda.device_count():
+                raise DeviceUnavailableError(
+                    f"{device} does not exist: torch sees {torch.cuda.device_count()} CUDA device(s)"
+                )
+        return TorchCUDAArena(layout, num_slots, dev)
+
+    def from_host(self, bits: np.ndarray, spec: DTypeSpec) -> torch.Tensor:
+        """Wrap host bits as a tensor of ``spec`` (zero-copy; works for bf16 and fp8)."""
+        return torch.from_numpy(bits).view(torch_dtype(spec))
+
+    def from_dlpack(self, producer: Any) -> torch.Tensor:
+        """Import a DLPack producer with ``torch.from_dlpack``."""
+        return torch.from_dlpack(producer)
+
+    def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
+        """Copy a tensor (any device) into host bits ``dst``; D2H copies return when done."""
+        torch.from_numpy(dst).view(src.dtype).copy_(src)
+
+    def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
+        """Copy host bits ``src`` into tensor ``dst``; synchronize when ``dst`` is on a GPU."""
+        dst.copy_(torch.from_numpy(src).view(dst.dtype))
+        if dst.is_cuda:
+            torch.cuda.current_stream(dst.device).synchronize()
+
+    def clone(self, array: Any) -> torch.Tensor:
+        """Return an owning copy of a tensor."""
+        return array.clone()  # type: ignore[no-any-return]
+
+    def accelerators(self) -> list[str]:
+        """CUDA devices torch sees."""
+        if not torch.cuda.is_available():
+            return []
+        return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
+
+    def synchronize(self, tensor: torch.Tensor) -> None:
+        """Wait for all work on the tensor's CUDA device."""
+        torch.cuda.synchronize(tensor.device)
+
+
+ADAPTER = TorchAdapter()
+
+__all__ = ["ADAPTER", "TorchAdapter", "TorchCPUArena", "TorchCUDAArena", "as_tensor", "torch_dtype"]

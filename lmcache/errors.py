@@ -1,0 +1,73 @@
+"""Exceptions raised by the pool.
+
+Every error the pool raises is a :class:`MemPoolError` and also a subclass of the built-in exception
+that best describes it (``ValueError`` for bad values and bad handles, ``TypeError`` for inputs that are
+not arrays, ``MemoryError`` for pools that cannot fit, ``ImportError`` for a missing framework), so
+callers can catch either. A failed call never changes the pool.
+"""
+
+from __future__ import annotations
+
+
+class MemPoolError(Exception):
+    """Base class of every error raised by ``lmcache-mempool``."""
+
+
+class ConfigError(MemPoolError, ValueError):
+    """A metadata field or pool option has a value the pool cannot use."""
+
+
+class ChunkTypeError(MemPoolError, TypeError):
+    """An argument that should be an array (something with ``shape`` and ``dtype``) is not one."""
+
+
+class ChunkShapeError(MemPoolError, ValueError):
+    """An array's shape, token count or dtype does not fit the pool's chunk layout."""
+
+
+class InvalidHandleError(MemPoolError, ValueError):
+    """A :class:`KVObj` cannot be used with this pool: freed, reused, foreign or hand-built."""
+
+
+class DoubleFreeError(InvalidHandleError):
+    """The :class:`KVObj` was already freed and its slot has not been handed out since."""
+
+
+class StaleHandleError(InvalidHandleError):
+    """The :class:`KVObj` was freed and its slot now belongs to another owner."""
+
+
+class ForeignHandleError(InvalidHandleError):
+    """The :class:`KVObj` was not allocated by this pool (another pool's, or built by hand)."""
+
+
+class PoolClosedError(MemPoolError, RuntimeError):
+    """The pool was closed; it hands out and takes back nothing more."""
+
+
+class PoolTooLargeError(MemPoolError, MemoryError):
+    """The pool asks for more memory (host, pinned or device) than the machine can give."""
+
+
+class DeviceUnavailableError(MemPoolError, RuntimeError):
+    """A GPU pool was asked for but the framework sees no accelerator."""
+
+
+class BackendUnavailableError(MemPoolError, ImportError):
+    """The backend's framework is not installed; the message names the extra to install."""
+
+
+__all__ = [
+    "BackendUnavailableError",
+    "ChunkShapeError",
+    "ChunkTypeError",
+    "ConfigError",
+    "DeviceUnavailableError",
+    "DoubleFreeError",
+    "ForeignHandleError",
+    "InvalidHandleError",
+    "MemPoolError",
+    "PoolClosedError",
+    "PoolTooLargeError",
+    "StaleHandleError",
+]

@@ -1,0 +1,63 @@
+"""The numpy backend: host arenas whose views are numpy arrays (bf16 / fp8 as ml_dtypes types).
+
+Always available; it is the core's own backend and needs neither torch nor JAX.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from lmcache.arena import HostArena
+from lmcache.dtypes import DTypeSpec
+from lmcache.errors import ConfigError
+from lmcache.layout import SlotLayout
+
+
+class NumpyAdapter:
+    """Adapter of the numpy backend (host memory only)."""
+
+    name = "numpy"
+
+    def create_arena(
+        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+    ) -> HostArena:
+        """Create a host arena; numpy has no device memory and cannot pin."""
+        if device != "cpu":
+            raise ConfigError(
+                f"the numpy backend has host memory only, not {device!r}; use backend='torch' or "
+                "backend='jax' for GPU pools"
+            )
+        if pin_memory:
+            raise ConfigError("the numpy backend cannot pin memory; use backend='torch' or 'jax'")
+        return HostArena(layout, num_slots)
+
+    def from_host(self, bits: np.ndarray, spec: DTypeSpec) -> np.ndarray:
+        """View host bits as ``spec``'s numpy dtype."""
+        return bits.view(spec.numpy_dtype)
+
+    def from_dlpack(self, producer: Any) -> np.ndarray:
+        """Import with ``np.from_dlpack`` (numpy cannot import bf16 or fp8)."""
+        return np.from_dlpack(producer)
+
+    def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
+        """Copy a numpy array into host memory."""
+        np.copyto(dst, src, casting="no")
+
+    def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
+        """Copy host memory into a numpy array."""
+        np.copyto(dst, src, casting="no")
+
+    def clone(self, array: Any) -> np.ndarray:
+        """Return an owning copy."""
+        return np.array(array, copy=True)
+
+    def accelerators(self) -> list[str]:
+        """numpy sees no accelerator."""
+        return []
+
+
+ADAPTER = NumpyAdapter()
+
+__all__ = ["ADAPTER", "NumpyAdapter"]

@@ -1,0 +1,131 @@
+"""Which backend a pool uses, and the lazy import of its adapter.
+
+The registry never imports a framework on its own: a framework's adapter is imported only when a pool
+(or a view conversion) asks for that backend, and backend selection looks at ``sys.modules`` and at the
+type of ``kv_dtype``, not at what happens to be installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+from lmcache.errors import BackendUnavailableError, ConfigError
+
+if TYPE_CHECKING:
+    import numpy as np
+
+    from lmcache.arena import Arena
+    from lmcache.config import LMCacheMemPoolMetadata
+    from lmcache.dtypes import DTypeSpec
+    from lmcache.layout import SlotLayout
+
+#: Backend name -> module that defines ``ADAPTER``.
+ADAPTER_MODULES: dict[str, str] = {
+    "numpy": "lmcache.numpy_backend",
+    "torch": "lmcache_torch",
+    "jax": "lmcache_jax",
+}
+#: Backend name -> the framework's import name (what must be installed).
+FRAMEWORKS: dict[str, str] = {"numpy": "numpy", "torch": "torch", "jax": "jax"}
+
+ENV_VAR = "LMCACHE_BACKEND"
+
+
+class FrameworkAdapter(Protocol):
+    """What a backend provides: arenas, and zero-copy conversions into its framework.
+
+    Adapters are thin: they allocate an arena, make a native view of host or DLPack memory, and copy
+    bytes. Everything else (slots, handles, checks) is the core's.
+    """
+
+    name: str
+
+    def create_arena(
+        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+    ) -> Arena:
+        """Materialize an arena of ``num_slots`` slots on ``device`` (``"cpu"``, ``"gpu"``, ``"cuda:1"``)."""
+        ...
+
+    def from_host(self, bits: np.ndarray, spec: DTypeSpec) -> Any:
+        """Return a native array of ``spec`` aliasing the host memory of ``bits`` (unsigned ints)."""
+        ...
+
+    def from_dlpack(self, producer: Any) -> Any:
+        """Import a DLPack producer without a copy."""
+        ...
+
+    def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
+        """Copy one of this framework's arrays (any device) into host memory ``dst``; return when done."""
+        ...
+
+    def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
+        """Copy host memory ``src`` into one of this framework's (writable) arrays."""
+        ...
+
+    def clone(self, array: Any) -> Any:
+        """Return an owning copy of ``array`` whose bytes are ready (no pending work)."""
+        ...
+
+    def accelerators(self) -> list[str]:
+        """Names of the accelerators this framework sees (``["cuda:0"]``), empty on a CPU-only host."""
+        ...
+
+
+def installed_backends() -> list[str]:
+    """Backends whose framework is installed, found without importing it."""
+    return [name for name, mod in FRAMEWORKS.items() if importlib.util.find_spec(mod) is not None]
+
+
+def resolve_backend(backend: str | None, metadata: LMCacheMemPoolMetadata) -> str:
+    """Pick a pool's backend: ``backend=``, else ``$LMCACHE_BACKEND``, else ``kv_dtype``'s framework, else numpy."""
+    source = "backend="
+    if backend is None:
+        backend = os.environ.get(ENV_VAR) or None
+        source = f"${ENV_VAR}"
+    if backend is None:
+        return metadata.dtype_origin or "numpy"
+    if not isinstance(backend, str) or backend.lower() not in ADAPTER_MODULES:
+        raise ConfigError(
+            f"unknown backend {backend!r} (from {source}); use one of {', '.join(ADAPTER_MODULES)}"
+        )
+    return backend.lower()
+
+
+def load_adapter(name: str) -> FrameworkAdapter:
+    """Import and return the adapter of backend ``name``.
+
+    Raises:
+        BackendUnavailableError: its framework is not installed; the message names the extra.
+        ConfigError: ``name`` is not a backend.
+    """
+    module_name = ADAPTER_MODULES.get(name)
+    if module_name is None:
+        raise ConfigError(f"unknown backend {name!r}; use one of {', '.join(ADAPTER_MODULES)}")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        framework = FRAMEWORKS[name]
+        if importlib.util.find_spec(framework) is None:
+            raise BackendUnavailableError(
+                f"the {name} backend needs {framework}, which is not installed: "
+                f"pip install 'lmcache-mempool[{name}]'"
+            ) from exc
+        raise BackendUnavailableError(
+            f"the {name} backend's adapter {module_name!r} failed to import ({exc}); "
+            f"reinstall with pip install 'lmcache-mempool[{name}]'"
+        ) from exc
+    adapter: FrameworkAdapter = module.ADAPTER
+    return adapter
+
+
+__all__ = [
+    "ADAPTER_MODULES",
+    "ENV_VAR",
+    "FrameworkAdapter",
+    "installed_backends",
+    "load_adapter",
+    "resolve_backend",
+]
