@@ -1,0 +1,95 @@
+# /// script
+# dependencies = ["nox>=2024.10"]
+# ///
+"""The test matrix: one session per set of installed frameworks, plus lint, types, docs and benchmarks.
+
+In a framework's own session a missing framework fails the run (``LMCACHE_REQUIRE_BACKENDS``); it never
+skips. torch is pinned to the CPU build this project's CI machines carry; set ``LMCACHE_TORCH_SPEC``
+(for example ``"torch==2.11.0"`` or ``"torch --index-url https://download.pytorch.org/whl/cu128"``)
+to test another build on a GPU machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+
+import nox
+
+nox.needs_version = ">=2024.10"
+nox.options.default_venv_backend = "venv"
+nox.options.error_on_missing_interpreters = True
+
+PYPROJECT = nox.project.load_toml("pyproject.toml")
+TORCH = shlex.split(os.environ.get("LMCACHE_TORCH_SPEC", "torch==2.13.0"))
+TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
+
+
+def _pytest(session: nox.Session, required: str, absent: str = "") -> None:
+    env = {"LMCACHE_REQUIRE_BACKENDS": required, "LMCACHE_ABSENT_FRAMEWORKS": absent}
+    session.run("pytest", *session.posargs, env=env)
+
+
+@nox.session
+def core(session: nox.Session) -> None:
+    """Tests with numpy only: neither torch nor JAX installed."""
+    session.install(".", *TEST_DEPS)
+    _pytest(session, "numpy", absent="torch,jax")
+
+
+@nox.session
+def torch(session: nox.Session) -> None:
+    """Tests with torch (CPU build) and without JAX."""
+    session.install(*TORCH)
+    session.install(".[torch]", *TEST_DEPS)
+    _pytest(session, "numpy,torch", absent="jax")
+
+
+@nox.session
+def jax(session: nox.Session) -> None:
+    """Tests with JAX (CPU) and without torch: bf16 and fp8 views must work with JAX alone."""
+    session.install(".[jax]", *TEST_DEPS)
+    _pytest(session, "numpy,jax", absent="torch")
+
+
+@nox.session
+def interop(session: nox.Session) -> None:
+    """Tests with torch and JAX both installed: every cross-framework view and copy."""
+    session.install(*TORCH)
+    session.install(".[all]", *TEST_DEPS)
+    _pytest(session, "numpy,torch,jax")
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff: lint and formatting."""
+    session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy --strict over lmcache, lmcache_torch and lmcache_jax (with both frameworks installed)."""
+    session.install(*TORCH)
+    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    session.run("mypy")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the Sphinx docs with warnings as errors, then run every example in them (doctest)."""
+    session.install(*TORCH)
+    session.install(".[all]", *nox.project.dependency_groups(PYPROJECT, "docs"))
+    common = ["-W", "--keep-going", "-n", "docs"]
+    session.run("sphinx-build", "-b", "html", *common, "docs/_build/html")
+    session.run("sphinx-build", "-b", "doctest", *common, "docs/_build/doctest")
+
+
+@nox.session(default=False)
+def bench(session: nox.Session) -> None:
+    """Benchmarks: the pytest-benchmark suite and ``python -m lmcache bench`` (not in the default run)."""
+    session.install(*TORCH)
+    session.install(".[all]", *nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.run("pytest", "tests/bench", "--benchmark-only", "-p", "no:cacheprovider", "-o", "addopts=")
+    session.run("python", "-m", "lmcache", "bench", *session.posargs)
