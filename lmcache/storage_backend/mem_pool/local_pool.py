@@ -510,17 +510,16 @@ class LocalCPUBufferPool(LocalCPUPool):
         """
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
             raise ConfigError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
-        kv_obj = super().allocate(kv_chunk)
-        if kv_obj is not None or timeout == 0:
-            return kv_obj
+        if timeout == 0:
+            return super().allocate(kv_chunk)
+        num_tokens = self._tokens_of(kv_chunk)
         deadline = time.monotonic() + timeout
         allocator = self._allocator
         with self._slot_freed:
             while True:
                 self._check_open()
-                slot = allocator.acquire(count_failure=False)
+                slot = allocator.acquire(count_failure=False)  # a wait that ends in a slot is no failure
                 if slot >= 0:
-                    num_tokens = self._tokens_of(kv_chunk)
                     view = self._full_views[slot] if num_tokens == self.chunk_size else None
                     return KVObj(slot, self.size_per_chunk, view, num_tokens, self, self._generation[slot])
                 remaining = deadline - time.monotonic()

@@ -1,0 +1,203 @@
+"""Property-based tests: the pool against a simple model, under every sequence of operations.
+
+Invariants checked after every step: no slot is in two live KVObjs, counts match the model, and every
+live chunk still holds the bytes written into it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule
+
+from kvtest import random_bits, require, small_pool, to_native
+from lmcache.allocator import ChunkAllocator
+from lmcache.errors import DoubleFreeError, InvalidHandleError, StaleHandleError
+
+SLOTS = 6
+
+
+class PoolModel(RuleBasedStateMachine):
+    """Drives one pool; ``live`` maps each live KVObj to the bytes it must hold."""
+
+    backend = "numpy"
+    objs = Bundle("objs")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool = small_pool(self.backend, slots=SLOTS)
+        self.live: dict[int, tuple[Any, np.ndarray]] = {}  # serial -> (KVObj, expected bytes)
+        self.serial: dict[int, int] = {}  # id(KVObj) -> serial (stable across hypothesis replays)
+        self.dead: list[Any] = []
+        self.allocations = self.frees = self.failed = self.peak = 0
+        self.seed = 0
+
+    def _chunk(self, tokens: int) -> np.ndarray:
+        self.seed += 1
+        return random_bits((2, 2, tokens, 2, 8), "float16", seed=self.seed)
+
+    def _record(self, obj: Any, content: np.ndarray | None) -> Any:
+        if content is None:  # allocated, not written: give it content so corruption shows
+            content = self._chunk(obj.num_tokens)
+            obj.copy_from(to_native(content, self.backend))
+        key = self.allocations
+        self.serial[id(obj)] = key
+        self.live[key] = (obj, content)
+        self.allocations += 1
+        self.peak = max(self.peak, len(self.live))
+        return obj
+
+    @rule(target=objs, tokens=st.integers(1, 16), put=st.booleans())
+    def allocate(self, tokens: int, put: bool) -> Any:
+        content = self._chunk(tokens)
+        native = to_native(content, self.backend)
+        obj = self.pool.put(native) if put else self.pool.allocate(native)
+        if obj is None:
+            assert len(self.live) == SLOTS
+            self.failed += 1
+            return multiple()
+        return self._record(obj, content if put else None)
+
+    @rule(target=objs, sizes=st.lists(st.integers(1, 16), min_size=1, max_size=4))
+    def allocate_batch(self, sizes: list[int]) -> Any:
+        objs = self.pool.allocate_batch([to_native(self._chunk(n), self.backend) for n in sizes])
+        if objs is None:
+            assert len(self.live) + len(sizes) > SLOTS
+            self.failed += len(sizes)
+            return multiple()
+        assert [o.num_tokens for o in objs] == sizes
+        return multiple(*(self._record(obj, None) for obj in objs))
+
+    @rule(obj=consumes(objs))
+    def free(self, obj: Any) -> None:
+        key = self.serial[id(obj)]
+        if key not in self.live:  # already freed by free_batch
+            before = self.pool.stats()
+            with pytest.raises((DoubleFreeError, StaleHandleError)):  # stale if the slot was reused since
+                self.pool.free(obj)
+            assert self.pool.stats() == before
+            return
+        self.pool.free(obj)
+        del self.live[key]
+        self.dead.append(obj)
+        self.frees += 1
+
+    @rule(data=st.data())
+    def free_batch(self, data: st.DataObject) -> None:
+        if not self.live:
+            return
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.live)), unique=True, max_size=3))
+        objs = [self.live[key][0] for key in chosen]
+        self.pool.free_batch(objs)
+        for key in chosen:
+            self.dead.append(self.live.pop(key)[0])
+        self.frees += len(chosen)
+
+    @precondition(lambda self: bool(self.dead))
+    @rule(data=st.data())
+    def free_dead_handle(self, data: st.DataObject) -> None:
+        obj = data.draw(st.sampled_from(self.dead))
+        before = self.pool.stats()
+        with pytest.raises((DoubleFreeError, StaleHandleError)):
+            self.pool.free(obj)
+        with pytest.raises(InvalidHandleError):
+            obj.copy_from(to_native(self._chunk(obj.num_tokens), self.backend))
+        assert self.pool.stats() == before
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def overwrite(self, data: st.DataObject) -> None:
+        key = data.draw(st.sampled_from(sorted(self.live)))
+        obj, _ = self.live[key]
+        content = self._chunk(obj.num_tokens)
+        obj.copy_from(to_native(content, self.backend))
+        self.live[key] = (obj, content)
+
+    @invariant()
+    def slots_are_exclusive_and_intact(self) -> None:
+        slots = [obj.chunk_idx for obj, _ in self.live.values()]
+        assert len(slots) == len(set(slots))
+        for obj, content in self.live.values():
+            assert obj.is_live
+            assert obj.as_numpy().tobytes() == content.tobytes()
+
+    @invariant()
+    def counts_match_the_model(self) -> None:
+        stats = self.pool.stats()
+        assert stats.used == len(self.live) and stats.free == SLOTS - len(self.live)
+        assert (stats.allocations, stats.frees) == (self.allocations, self.frees)
+        assert stats.failed_allocations == self.failed and stats.peak_used == self.peak
+
+    def teardown(self) -> None:
+        self.pool.close()
+
+
+@pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
+def test_pool_matches_model(backend_name: str) -> None:
+    require(backend_name)
+    machine = type(f"PoolModel_{backend_name}", (PoolModel,), {"backend": backend_name})
+    runner = machine.TestCase
+    runner.settings = settings(
+        max_examples=100 if backend_name == "numpy" else 30,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow],
+    )
+    runner().runTest()
+
+
+class AllocatorModel(RuleBasedStateMachine):
+    """The bare allocator against a set model: every acquire returns a free slot, never a held one."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.allocator = ChunkAllocator(5)
+        self.held: dict[int, int] = {}
+        self.released: list[tuple[int, int]] = []
+
+    @rule()
+    def acquire(self) -> None:
+        slot = self.allocator.acquire()
+        if slot < 0:
+            assert len(self.held) == 5
+            return
+        assert slot not in self.held
+        self.held[slot] = self.allocator.generation[slot]
+
+    @rule(count=st.integers(0, 6))
+    def acquire_many(self, count: int) -> None:
+        slots = self.allocator.acquire_many(count)
+        if slots is None:
+            assert len(self.held) + count > 5
+            return
+        assert len(set(slots)) == count and not set(slots) & set(self.held)
+        self.held.update({slot: self.allocator.generation[slot] for slot in slots})
+
+    @precondition(lambda self: bool(self.held))
+    @rule(data=st.data())
+    def release(self, data: st.DataObject) -> None:
+        slot = data.draw(st.sampled_from(sorted(self.held)))
+        generation = self.held.pop(slot)
+        self.allocator.release(slot, generation)
+        self.released.append((slot, generation))
+
+    @precondition(lambda self: bool(self.released))
+    @rule(data=st.data())
+    def release_again(self, data: st.DataObject) -> None:
+        slot, generation = data.draw(st.sampled_from(self.released))
+        with pytest.raises(InvalidHandleError):
+            self.allocator.release(slot, generation)
+
+    @invariant()
+    def counts(self) -> None:
+        assert self.allocator.num_used == len(self.held)
+        for slot, generation in self.held.items():
+            assert self.allocator.is_live(slot, generation)
+
+
+TestAllocatorModel = AllocatorModel.TestCase
+TestAllocatorModel.settings = settings(max_examples=200, stateful_step_count=40, deadline=None)
