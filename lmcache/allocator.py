@@ -35,8 +35,8 @@ class ChunkAllocator:
     handle it kept after the slot was reused. Each hand-out draws a new ticket from a per-allocator counter;
     a slot's generation is that ticket while it is handed out, and minus the ticket once it is freed
     (0 if never used). A handle records its ticket; ``release`` accepts it only if the slot still has
-    that generation. Tickets are unique, so a handle edited to name another slot is caught too, so stale and double frees are caught in O(1),
-    always (not in a debug mode), and change nothing.
+    that generation. So stale and double frees are caught in O(1), always (not in a debug mode), and
+    change nothing; tickets are unique, so a handle edited to name another slot is caught too.
 
     Invariants (checked by the property tests):
         * a slot is free iff its generation is <= 0; free slots are exactly ``_free`` plus the
@@ -50,7 +50,17 @@ class ChunkAllocator:
     Fields are changed only under ``lock`` (a ``threading.Lock``, or ``None`` for single-owner use).
     """
 
-    __slots__ = ("_failed", "_free", "_fresh", "_frees", "_min_free", "_ticket", "capacity", "generation", "lock")
+    __slots__ = (
+        "_failed",
+        "_free",
+        "_frees",
+        "_fresh",
+        "_min_free",
+        "_ticket",
+        "capacity",
+        "generation",
+        "lock",
+    )
 
     def __init__(self, capacity: int, *, thread_safe: bool = True) -> None:
         if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity <= 0:
@@ -124,8 +134,8 @@ class ChunkAllocator:
                 self._failed += count
                 return None
             take = min(count, len(free))
-            slots = free[len(free) - take:]
-            del free[len(free) - take:]
+            slots = free[len(free) - take :]
+            del free[len(free) - take :]
             slots.reverse()  # same order single acquires would give
             rest = count - take
             if rest:

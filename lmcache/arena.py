@@ -8,7 +8,7 @@ adapters.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 
@@ -116,11 +116,12 @@ def host_array_of(src: Any, framework: str) -> np.ndarray:
     float8 that way, which is reported with the fix.
     """
     if framework == "numpy":
-        return src
+        return cast(np.ndarray, src)
     if framework == "jax":
         return np.asarray(src)
     try:
-        return np.from_dlpack(src)
+        array: np.ndarray = np.from_dlpack(src)
+        return array
     except (BufferError, TypeError, RuntimeError) as exc:
         raise ChunkTypeError(
             f"cannot read a {type(src).__name__} through DLPack into host memory ({exc}); "

@@ -47,7 +47,7 @@ class LMCacheMemPoolMetadata:
                 "kv_shape must have 5 dims (num_layers, 2 or 1, chunk_size, num_kv_heads, head_size), "
                 f"got {len(shape)}: {tuple(shape)!r}"
             )
-        dims = []
+        dims: list[int] = []
         for axis, dim in enumerate(shape):
             if isinstance(dim, bool) or not isinstance(dim, numbers.Integral) or dim <= 0:
                 raise ConfigError(f"kv_shape[{axis}] must be a positive int, got {dim!r}")

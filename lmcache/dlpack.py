@@ -16,7 +16,7 @@ shapes; consumers copy them while importing.
 from __future__ import annotations
 
 import ctypes
-from typing import Any
+from typing import Any, cast
 
 from lmcache.dtypes import DTypeSpec
 
@@ -88,9 +88,13 @@ def _shape_arrays(shape: tuple[int, ...]) -> tuple[Any, Any]:
 def _dl_tensor(capsule: Any) -> _DLTensor:
     name = _capsule_name(capsule)
     if name == b"dltensor_versioned":
-        return _DLManagedTensorVersioned.from_address(_capsule_pointer(capsule, name)).dl_tensor
+        versioned: _DLManagedTensorVersioned = _DLManagedTensorVersioned.from_address(
+            _capsule_pointer(capsule, name)
+        )
+        return cast(_DLTensor, versioned.dl_tensor)
     if name == b"dltensor":
-        return _DLManagedTensor.from_address(_capsule_pointer(capsule, name)).dl_tensor
+        legacy: _DLManagedTensor = _DLManagedTensor.from_address(_capsule_pointer(capsule, name))
+        return cast(_DLTensor, legacy.dl_tensor)
     raise BufferError(f"expected a fresh DLPack capsule, got one named {name!r}")
 
 
@@ -155,7 +159,9 @@ class DLPackView:
         try:
             capsule = self._owner.__dlpack__(**kwargs)
         except TypeError:  # an owner that predates the DLPack 2023 keywords
-            capsule = self._owner.__dlpack__(stream=stream) if stream is not None else self._owner.__dlpack__()
+            capsule = (
+                self._owner.__dlpack__(stream=stream) if stream is not None else self._owner.__dlpack__()
+            )
         tensor = _dl_tensor(capsule)
         tensor.dtype.code = self._spec.dlpack_code
         tensor.dtype.bits = 8 * self._spec.itemsize

@@ -65,8 +65,7 @@ KV_DTYPES: dict[str, DTypeSpec] = {
     )
 }
 
-_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16",
-            "fp32": "float32"}
+_ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
 def dtype_origin(value: object) -> str | None:

@@ -42,9 +42,7 @@ class SlotLayout:
     def __post_init__(self) -> None:
         a = self.slot_alignment
         if isinstance(a, bool) or not isinstance(a, int) or a < MIN_SLOT_ALIGNMENT or a & (a - 1):
-            raise ConfigError(
-                f"slot_alignment must be a power of two >= {MIN_SLOT_ALIGNMENT}, got {a!r}"
-            )
+            raise ConfigError(f"slot_alignment must be a power of two >= {MIN_SLOT_ALIGNMENT}, got {a!r}")
 
     @classmethod
     def from_metadata(

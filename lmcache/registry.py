@@ -80,7 +80,10 @@ def installed_backends() -> list[str]:
 
 
 def resolve_backend(backend: str | None, metadata: LMCacheMemPoolMetadata) -> str:
-    """Pick a pool's backend: ``backend=``, else ``$LMCACHE_BACKEND``, else ``kv_dtype``'s framework, else numpy."""
+    """Pick a pool's backend: ``backend=``, else ``$LMCACHE_BACKEND``, else ``kv_dtype``'s framework.
+
+    numpy when none of those names one.
+    """
     source = "backend="
     if backend is None:
         backend = os.environ.get(ENV_VAR) or None

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvtest import BACKENDS, require
 
 
@@ -12,5 +11,3 @@ def backend(request: pytest.FixtureRequest) -> str:
     """Each backend whose framework is installed."""
     require(request.param)
     return str(request.param)
-
-

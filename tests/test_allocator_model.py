@@ -12,9 +12,17 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
-from hypothesis.stateful import Bundle, RuleBasedStateMachine, consumes, invariant, multiple, precondition, rule
-
+from hypothesis.stateful import (
+    Bundle,
+    RuleBasedStateMachine,
+    consumes,
+    invariant,
+    multiple,
+    precondition,
+    rule,
+)
 from kvtest import random_bits, require, small_pool, to_native
+
 from lmcache.allocator import ChunkAllocator
 from lmcache.errors import DoubleFreeError, InvalidHandleError, StaleHandleError
 
@@ -128,9 +136,11 @@ class PoolModel(RuleBasedStateMachine):
     @invariant()
     def counts_match_the_model(self) -> None:
         stats = self.pool.stats()
-        assert stats.used == len(self.live) and stats.free == SLOTS - len(self.live)
+        assert stats.used == len(self.live)
+        assert stats.free == SLOTS - len(self.live)
         assert (stats.allocations, stats.frees) == (self.allocations, self.frees)
-        assert stats.failed_allocations == self.failed and stats.peak_used == self.peak
+        assert stats.failed_allocations == self.failed
+        assert stats.peak_used == self.peak
 
     def teardown(self) -> None:
         self.pool.close()
@@ -174,7 +184,8 @@ class AllocatorModel(RuleBasedStateMachine):
         if slots is None:
             assert len(self.held) + count > 5
             return
-        assert len(set(slots)) == count and not set(slots) & set(self.held)
+        assert len(set(slots)) == count
+        assert not set(slots) & set(self.held)
         self.held.update({slot: self.allocator.generation[slot] for slot in slots})
 
     @precondition(lambda self: bool(self.held))

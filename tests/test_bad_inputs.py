@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from kvtest import SMALL_SHAPE, random_bits, small_pool, to_native
+
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import (
     ChunkShapeError,
@@ -25,12 +25,32 @@ from lmcache.storage_backend.mem_pool import KVObj, LocalCPUBufferPool, LocalCPU
 
 META_CASES: list[tuple[str, Callable[[], Any], type[Exception], str]] = [
     ("4 dims", lambda: LMCacheMemPoolMetadata((2, 2, 16, 2), "float16", 1), ConfigError, "5 dims"),
-    ("zero dim", lambda: LMCacheMemPoolMetadata((2, 2, 0, 2, 8), "float16", 1), ConfigError, r"kv_shape\[2\]"),
-    ("float dim", lambda: LMCacheMemPoolMetadata((2, 2, 1.5, 2, 8), "float16", 1), ConfigError, "positive int"),
+    (
+        "zero dim",
+        lambda: LMCacheMemPoolMetadata((2, 2, 0, 2, 8), "float16", 1),
+        ConfigError,
+        r"kv_shape\[2\]",
+    ),
+    (
+        "float dim",
+        lambda: LMCacheMemPoolMetadata((2, 2, 1.5, 2, 8), "float16", 1),
+        ConfigError,
+        "positive int",
+    ),
     ("kv axis 3", lambda: LMCacheMemPoolMetadata((2, 3, 16, 2, 8), "float16", 1), ConfigError, "2 .K and V."),
     ("shape str", lambda: LMCacheMemPoolMetadata("22", "float16", 1), ConfigError, "sequence of 5 ints"),
-    ("dtype", lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, "complex64", 1), ConfigError, "unsupported kv_dtype"),
-    ("dtype obj", lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, object(), 1), ConfigError, "unsupported kv_dtype"),
+    (
+        "dtype",
+        lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, "complex64", 1),
+        ConfigError,
+        "unsupported kv_dtype",
+    ),
+    (
+        "dtype obj",
+        lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, object(), 1),
+        ConfigError,
+        "unsupported kv_dtype",
+    ),
     ("negative", lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, "float16", -1), ConfigError, "positive"),
     ("NaN size", lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, "float16", float("nan")), ConfigError, "finite"),
     ("inf size", lambda: LMCacheMemPoolMetadata(SMALL_SHAPE, "float16", float("inf")), ConfigError, "finite"),
@@ -145,7 +165,8 @@ def test_bad_calls_raise_and_change_nothing(backend: str, case: str) -> None:
         call(pool, objs)
     assert str(info.value), "errors must carry a message"
     assert pool.stats() == before, f"{case}: the pool changed"
-    assert objs[0].is_live and np.array_equal(objs[0].clone("numpy").view("u2"), content.view("u2"))
+    assert objs[0].is_live
+    assert np.array_equal(objs[0].clone("numpy").view("u2"), content.view("u2"))
 
 
 @pytest.mark.parametrize("timeout", [-1, float("nan"), "1", True])

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-
 from kvtest import random_bits, small_pool, to_native
+
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import PoolClosedError
 from lmcache.storage_backend.mem_pool import LocalCPUBufferPool
@@ -53,7 +53,9 @@ def test_threaded_stress_keeps_slots_exclusive(backend: str) -> None:
                 allocs += 1
                 with owners_lock:
                     if obj.chunk_idx in owners:
-                        errors.append(f"slot {obj.chunk_idx} handed to {tid} while {owners[obj.chunk_idx]} owns it")
+                        errors.append(
+                            f"slot {obj.chunk_idx} handed to {tid} while {owners[obj.chunk_idx]} owns it"
+                        )
                     owners[obj.chunk_idx] = tid
                 obj.copy_from(natives[n])
                 mine.append((obj, fill[n]))
@@ -97,7 +99,8 @@ def test_buffer_pool_waits_until_free_wakes_it() -> None:
     timer.start()
     got = pool.allocate(chunk, timeout=5.0)
     waited = time.monotonic() - start
-    assert got is not None and got.chunk_idx == held.chunk_idx
+    assert got is not None
+    assert got.chunk_idx == held.chunk_idx
     assert waited < 4.0, "free() must wake the waiter long before its timeout"
     assert pool.stats().failed_allocations == 1  # the timeout-0 call only: a wait that succeeds is no failure
 

@@ -7,8 +7,8 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-
 from kvtest import require
+
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.dtypes import KV_DTYPES, normalize_dtype
 from lmcache.errors import ConfigError
@@ -63,12 +63,16 @@ def test_slot_stride_is_aligned() -> None:
 
 def test_budget_below_one_slot_names_both_sizes() -> None:
     meta = LMCacheMemPoolMetadata((32, 2, 256, 8, 128), "bfloat16", 0.01)
-    with pytest.raises(ConfigError, match=r"10737418 bytes\) is smaller than one chunk slot \(33554432 bytes"):
+    with pytest.raises(
+        ConfigError, match=r"10737418 bytes\) is smaller than one chunk slot \(33554432 bytes"
+    ):
         LocalCPUPool(meta)
 
 
 def test_metadata_is_frozen_and_normalized_once() -> None:
     meta = LMCacheMemPoolMetadata([2, 2, 16, 2, 8], "bf16", 1)  # type: ignore[arg-type]
-    assert meta.kv_shape == (2, 2, 16, 2, 8) and meta.dtype.name == "bfloat16" and meta.chunk_size == 16
+    assert meta.kv_shape == (2, 2, 16, 2, 8)
+    assert meta.dtype.name == "bfloat16"
+    assert meta.chunk_size == 16
     with pytest.raises(AttributeError):
         meta.kv_shape = (1, 1, 1, 1, 1)  # type: ignore[misc]

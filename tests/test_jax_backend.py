@@ -9,7 +9,6 @@ import textwrap
 
 import numpy as np
 import pytest
-
 from kvtest import pointer, random_bits, require, same_bits, small_pool, to_native
 
 
@@ -21,9 +20,11 @@ def jax():  # type: ignore[no-untyped-def]
 def test_views_are_made_on_first_access(jax) -> None:  # type: ignore[no-untyped-def]
     pool = small_pool("jax", dtype="bfloat16")
     obj = pool.allocate(to_native(random_bits((2, 2, 16, 2, 8), "bfloat16"), "jax"))
-    assert obj is not None and obj._data is None  # allocate built no JAX view
+    assert obj is not None
+    assert obj._data is None
     view = obj.data
-    assert isinstance(view, jax.Array) and obj.data is view
+    assert isinstance(view, jax.Array)
+    assert obj.data is view
     assert view.unsafe_buffer_pointer() == pool.slot_address(obj.chunk_idx)
 
 
@@ -33,7 +34,8 @@ def test_jitted_gather_over_the_arena(jax) -> None:  # type: ignore[no-untyped-d
     jnp = jax.numpy
     pool = small_pool("jax", dtype="bfloat16", slots=6)
     arena = pool.arena
-    assert arena.shape == (6, pool.layout.slot_elems) and arena.dtype == jnp.bfloat16
+    assert arena.shape == (6, pool.layout.slot_elems)
+    assert arena.dtype == jnp.bfloat16
     assert pointer(arena) == pool.base_address
     chunks = [random_bits((2, 2, 16, 2, 8), "bfloat16", seed=s) for s in range(4)]
     objs = [pool.put(jnp.asarray(c)) for c in chunks]
@@ -74,7 +76,8 @@ def test_free_waits_for_computations_that_read_the_chunk(jax) -> None:  # type: 
         result = heavy(obj.data)  # dispatched asynchronously
         meta_pool.free(obj, wait_for=result)  # the documented way: wait, then free
         reuse = meta_pool.put(jnp.asarray(new))  # same slot, overwritten at once
-        assert reuse is not None and reuse.chunk_idx == obj.chunk_idx
+        assert reuse is not None
+        assert reuse.chunk_idx == obj.chunk_idx
         np.testing.assert_array_equal(np.asarray(result), expected)
         meta_pool.free(reuse)
 
@@ -103,7 +106,8 @@ def test_process_exits_cleanly_with_views_alive(jax) -> None:  # type: ignore[no
         """
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
-    assert result.returncode == 0 and "ok" in result.stdout, result.stderr[-2000:]
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "ok" in result.stdout
 
 
 def test_clone_is_independent(jax) -> None:  # type: ignore[no-untyped-def]

@@ -7,8 +7,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-
 from kvtest import kv_dtype_for, pointer, random_bits, require, same_bits, small_pool, to_native
+
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import DoubleFreeError, PoolClosedError
 from lmcache.storage_backend.mem_pool import (
@@ -38,11 +38,14 @@ def _chunk(backend: str, tokens: int) -> Any:
 
 
 def test_seed_module_paths() -> None:
-    assert base_pool.BasePool is BasePool and base_pool.KVObj is KVObj
+    assert base_pool.BasePool is BasePool
+    assert base_pool.KVObj is KVObj
     for cls in (LocalPool, LocalCPUPool, LocalGPUPool, LocalCPUBufferPool):
         assert getattr(local_pool, cls.__name__) is cls
-    assert issubclass(LocalCPUBufferPool, LocalCPUPool) and issubclass(LocalCPUPool, LocalPool)
-    assert issubclass(LocalGPUPool, LocalPool) and issubclass(LocalPool, BasePool)
+    assert issubclass(LocalCPUBufferPool, LocalCPUPool)
+    assert issubclass(LocalCPUPool, LocalPool)
+    assert issubclass(LocalGPUPool, LocalPool)
+    assert issubclass(LocalPool, BasePool)
 
 
 def test_kvobj_constructs_like_the_seed() -> None:
@@ -57,7 +60,8 @@ def test_foundation_scenario(backend: str) -> None:
     meta = LMCacheMemPoolMetadata(LLAMA, kv_dtype_for(backend, "bfloat16"), 1)
     with LocalCPUPool(meta, backend=backend, pin_memory=False) as pool:
         assert pool.backend == backend
-        assert pool.max_chunk_num == 32 and pool.chunk_size == 256
+        assert pool.max_chunk_num == 32
+        assert pool.chunk_size == 256
         assert pool.size_per_chunk == 32 * 2 * 256 * 8 * 128 * 2
         full = _chunk(backend, 256)
         objs = [pool.allocate(full) for _ in range(32)]
@@ -75,7 +79,8 @@ def test_foundation_scenario(backend: str) -> None:
         assert pointer(view) == pool.slot_address(partial.chunk_idx)
         src = to_native(random_bits((32, 2, 128, 8, 128), "bfloat16"), backend)
         if backend == "torch":
-            assert view.is_contiguous() and not view.is_inference()
+            assert view.is_contiguous()
+            assert not view.is_inference()
             view.copy_(src)
         else:
             partial.copy_from(src)
@@ -101,7 +106,8 @@ def test_views_are_contiguous_aligned_and_inside_their_slot(backend: str) -> Non
     with small_pool(backend, slots=4) as pool:
         for tokens in (1, 7, 16):
             obj = pool.allocate(to_native(random_bits((2, 2, tokens, 2, 8), "float16"), backend))
-            assert obj is not None and obj.num_tokens == tokens
+            assert obj is not None
+            assert obj.num_tokens == tokens
             assert pointer(obj.data) == pool.slot_address(obj.chunk_idx)
             assert pointer(obj.data) % 256 == 0
             assert obj.size == pool.size_per_chunk
@@ -113,7 +119,7 @@ def test_put_round_trips_and_returns_none_when_full(backend: str) -> None:
         chunks = [to_native(random_bits((2, 2, n, 2, 8), "float16", seed=n), backend) for n in (16, 5)]
         objs = [pool.put(chunk) for chunk in chunks]
         assert all(obj is not None for obj in objs)
-        for obj, chunk in zip(objs, chunks):
+        for obj, chunk in zip(objs, chunks, strict=False):
             assert same_bits(obj.data, chunk)
         assert pool.put(chunks[0]) is None
         assert pool.stats().failed_allocations == 1
@@ -128,14 +134,15 @@ def test_copy_to_and_clone(backend: str) -> None:
         obj.copy_to(out)
         assert same_bits(out, src)
         copy = obj.clone()
-        assert same_bits(copy, src) and pointer(copy) != pointer(obj.data)
+        assert same_bits(copy, src)
+        assert pointer(copy) != pointer(obj.data)
         assert same_bits(obj.clone("numpy"), src)
 
 
 def test_stats_count_every_operation(backend: str) -> None:
     with small_pool(backend, slots=3) as pool:
         chunk = to_native(random_bits((2, 2, 16, 2, 8), "float16"), backend)
-        a, b, c = (pool.allocate(chunk) for _ in range(3))
+        _a, b, _c = (pool.allocate(chunk) for _ in range(3))
         assert pool.allocate(chunk) is None
         pool.free(b)  # type: ignore[arg-type]
         stats = pool.stats()
@@ -148,7 +155,8 @@ def test_batch_is_all_or_nothing(backend: str) -> None:
     with small_pool(backend, slots=4) as pool:
         chunk = to_native(random_bits((2, 2, 16, 2, 8), "float16"), backend)
         objs = pool.allocate_batch([chunk] * 3)
-        assert objs is not None and len({o.chunk_idx for o in objs}) == 3
+        assert objs is not None
+        assert len({o.chunk_idx for o in objs}) == 3
         before = pool.stats()
         assert pool.allocate_batch([chunk] * 2) is None
         after = pool.stats()
@@ -188,5 +196,7 @@ def test_gpu_pool_without_accelerator_raises(backend: str) -> None:
     if adapter_sees_gpu:
         pytest.skip("an accelerator is present; tests/gpu covers GPU pools")
     meta = LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "float16", 0.001)
-    with pytest.raises(ConfigError if backend == "numpy" else DeviceUnavailableError, match="GPU|host memory"):
+    with pytest.raises(
+        ConfigError if backend == "numpy" else DeviceUnavailableError, match=r"GPU|host memory"
+    ):
         LocalGPUPool(meta, backend=backend)

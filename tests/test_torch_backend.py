@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvtest import pointer, random_bits, require, same_bits, small_pool, to_native
 
 
@@ -16,7 +15,9 @@ def test_views_are_ordinary_tensors(torch) -> None:  # type: ignore[no-untyped-d
     pool = small_pool("torch", dtype="bfloat16")
     src = to_native(random_bits((2, 2, 16, 2, 8), "bfloat16"), "torch")
     obj = pool.allocate(src)
-    assert obj is not None and not obj.data.is_inference() and not obj.data.requires_grad
+    assert obj is not None
+    assert not obj.data.is_inference()
+    assert not obj.data.requires_grad
     obj.data.copy_(src)
     with torch.inference_mode():
         obj.data.copy_(src * 2)
@@ -28,7 +29,8 @@ def test_views_are_ordinary_tensors(torch) -> None:  # type: ignore[no-untyped-d
 def test_arena_is_one_tensor(torch) -> None:  # type: ignore[no-untyped-def]
     pool = small_pool("torch", dtype="float16", slots=3)
     arena = pool.arena
-    assert tuple(arena.shape) == (3, pool.layout.slot_elems) and arena.dtype == torch.float16
+    assert tuple(arena.shape) == (3, pool.layout.slot_elems)
+    assert arena.dtype == torch.float16
     assert pointer(arena) == pool.base_address
     obj = pool.put(to_native(random_bits((2, 2, 16, 2, 8), "float16"), "torch"))
     assert obj is not None

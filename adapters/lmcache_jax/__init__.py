@@ -21,7 +21,7 @@ import ctypes.util
 import glob
 import os
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -45,7 +45,8 @@ def jax_dtype(spec: DTypeSpec) -> Any:
 
 def _import_host(bits: np.ndarray, spec: DTypeSpec) -> jax.Array:
     # copy=False: JAX aliases only 64-byte aligned memory and would otherwise copy silently.
-    return jax.dlpack.from_dlpack(DLPackView(bits, spec), copy=False)
+    array: jax.Array = jax.dlpack.from_dlpack(DLPackView(bits, spec), copy=False)
+    return array
 
 
 class JaxCPUArena(HostArena):
@@ -78,7 +79,9 @@ class _CudaRuntime:
                 candidates.insert(0, found)
             for root in {os.path.dirname(os.path.dirname(jax.__file__))}:
                 candidates += sorted(glob.glob(os.path.join(root, "nvidia", "cu*", "lib", "libcudart.so*")))
-                candidates += sorted(glob.glob(os.path.join(root, "nvidia", "cuda_runtime", "lib", "libcudart.so*")))
+                candidates += sorted(
+                    glob.glob(os.path.join(root, "nvidia", "cuda_runtime", "lib", "libcudart.so*"))
+                )
             for name in candidates:
                 try:
                     lib = ctypes.CDLL(name)
@@ -142,11 +145,12 @@ class JaxGPUArena:
 
     def view(self, slot: int, num_tokens: int) -> jax.Array:
         """Return the jax.Array view of a chunk (a DLPack sub-view of the arena; no copy)."""
-        return jax.dlpack.from_dlpack(self._producer(slot, num_tokens), copy=False)
+        array: jax.Array = jax.dlpack.from_dlpack(self._producer(slot, num_tokens), copy=False)
+        return array
 
     def whole(self) -> jax.Array:
         """Return the arena as a ``(num_slots, slot_elems)`` jax.Array."""
-        return self._whole
+        return cast(jax.Array, self._whole)
 
     def export(self, slot: int, num_tokens: int, target: str) -> Any:
         """Return a chunk's view in ``target`` (JAX or torch; numpy cannot see device memory)."""
@@ -207,7 +211,7 @@ def _pinned_host_arena(layout: SlotLayout, num_slots: int, device: Any) -> JaxCP
     owner = jax.device_put(np.zeros(nbytes, dtype=np.uint8), sharding).block_until_ready()
     address = owner.unsafe_buffer_pointer()
     raw = (ctypes.c_uint8 * nbytes).from_address(address)
-    host = np.frombuffer(raw, dtype=np.uint8)
+    host = np.ctypeslib.as_array(raw)
     arena = JaxCPUArena(layout, num_slots, host=host, keepalive=(owner, raw))
     arena.pinned = True
     return arena
@@ -256,7 +260,8 @@ class JaxAdapter:
 
     def from_dlpack(self, producer: Any) -> jax.Array:
         """Import a DLPack producer without a copy."""
-        return jax.dlpack.from_dlpack(producer, copy=False)
+        array: jax.Array = jax.dlpack.from_dlpack(producer, copy=False)
+        return array
 
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
         """Copy a jax.Array into host memory (waits for it; copies from a GPU)."""
@@ -268,7 +273,8 @@ class JaxAdapter:
 
     def clone(self, array: Any) -> jax.Array:
         """Return an owning copy, computed (``jnp.array(copy=True)``; DLPack ``copy=True`` may alias)."""
-        return jnp.array(array, copy=True).block_until_ready()
+        copy: jax.Array = jnp.array(array, copy=True).block_until_ready()
+        return copy
 
     def accelerators(self) -> list[str]:
         """GPUs JAX sees."""
@@ -283,7 +289,8 @@ def gather_chunks(arena: jax.Array, chunk_idx: jax.Array, shape: tuple[int, ...]
     jitted function that captures an array keeps its value as of tracing.
 
     Example:
-        >>> chunks = gather_chunks(pool.arena, jnp.array([obj.chunk_idx]), pool.layout.kv_shape)  # doctest: +SKIP
+        ``gather_chunks(pool.arena, jnp.array([obj.chunk_idx]), pool.layout.kv_shape)`` returns the
+        chunk of ``obj`` as a ``(1, L, 2, chunk_size, H, D)`` array (see the JAX quickstart).
     """
     elems = 1
     for dim in shape:

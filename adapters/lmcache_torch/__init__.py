@@ -6,12 +6,14 @@ This module imports torch; the core imports it only when a torch pool or view is
 
 from __future__ import annotations
 
+import contextlib
 import math
 import weakref
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
+from torch.utils.dlpack import from_dlpack
 
 from lmcache.arena import HostArena, framework_of, host_array_of
 from lmcache.dtypes import DTypeSpec
@@ -55,14 +57,13 @@ class _Views:
 
 
 def _cudart() -> Any:
-    return torch.cuda.cudart()
+    return torch.cuda.cudart()  # type: ignore[no-untyped-call]
 
 
 def _unregister(address: int) -> None:
-    try:
+    # At interpreter shutdown CUDA may be gone already; the process is ending, so nothing leaks.
+    with contextlib.suppress(Exception):
         _cudart().cudaHostUnregister(address)
-    except Exception:  # noqa: BLE001 - interpreter shutdown: CUDA may be gone already
-        pass
 
 
 class TorchCPUArena(HostArena):
@@ -105,11 +106,12 @@ class TorchCPUArena(HostArena):
         return self._views.view(slot, num_tokens)
 
     def _native(self, bits: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(bits).view(self._dtype)
+        tensor: torch.Tensor = torch.from_numpy(bits).view(self._dtype)
+        return tensor
 
     def whole(self) -> torch.Tensor:
         """Return the whole arena as a ``(num_slots, slot_elems)`` tensor."""
-        return self._whole
+        return cast(torch.Tensor, self._whole)
 
     def close(self) -> None:
         """Unpin the arena (its memory stays valid for outstanding views)."""
@@ -201,7 +203,7 @@ def as_tensor(src: Any) -> torch.Tensor:
         return src  # type: ignore[no-any-return]
     if framework == "jax" and _jax_on_gpu(src):
         src.block_until_ready()
-        return torch.from_dlpack(src)
+        return from_dlpack(src)
     host = np.ascontiguousarray(host_array_of(src, framework))
     bits = host.view(f"u{host.dtype.itemsize}") if host.dtype.itemsize in (1, 2, 4, 8) else host
     return torch.from_numpy(bits).view(torch_dtype_of_numpy(host.dtype))
@@ -263,7 +265,7 @@ class TorchAdapter:
 
     def from_dlpack(self, producer: Any) -> torch.Tensor:
         """Import a DLPack producer with ``torch.from_dlpack``."""
-        return torch.from_dlpack(producer)
+        return from_dlpack(producer)
 
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
         """Copy a tensor (any device) into host bits ``dst``; D2H copies return when done."""

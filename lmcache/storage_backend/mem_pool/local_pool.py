@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -77,9 +78,7 @@ class LocalPool(BasePool):
         slot_alignment: int = MIN_SLOT_ALIGNMENT,
     ) -> None:
         if not isinstance(metadata, LMCacheMemPoolMetadata):
-            raise ConfigError(
-                f"metadata must be an LMCacheMemPoolMetadata, got {type(metadata).__name__}"
-            )
+            raise ConfigError(f"metadata must be an LMCacheMemPoolMetadata, got {type(metadata).__name__}")
         if pin_memory is not None and not isinstance(pin_memory, bool):
             raise ConfigError(f"pin_memory must be True, False or None, got {pin_memory!r}")
         self.metadata = metadata
@@ -103,8 +102,8 @@ class LocalPool(BasePool):
         self.device: str = self._arena.device
         self._allocator = ChunkAllocator(self.max_chunk_num, thread_safe=thread_safe)
         self._generation = self._allocator.generation
-        self._acquire = self._allocator.acquire
-        self._release = self._allocator.release
+        self._acquire: Callable[..., int] = self._allocator.acquire
+        self._release: Callable[[int, int], None] = self._allocator.release
         self._full_shape = self.layout.kv_shape
         self._full_views: list[Any] = [None] * self.max_chunk_num
         self._ok_dtypes: set[Any] = set()
@@ -200,7 +199,7 @@ class LocalPool(BasePool):
         size, gens, full, views = self.size_per_chunk, self._generation, self.chunk_size, self._full_views
         return [
             KVObj(slot, size, views[slot] if n == full else None, n, self, gens[slot])
-            for slot, n in zip(slots, tokens)
+            for slot, n in zip(slots, tokens, strict=False)
         ]
 
     def free_batch(self, kv_objs: Iterable[KVObj], *, wait_for: Any = None) -> None:
@@ -329,16 +328,16 @@ class LocalPool(BasePool):
         try:
             spec = normalize_dtype(dtype)
         except ConfigError as exc:
-            raise ChunkShapeError(f"kv_chunk has dtype {dtype!r}, the pool holds {self.layout.dtype.name}") from exc
+            raise ChunkShapeError(
+                f"kv_chunk has dtype {dtype!r}, the pool holds {self.layout.dtype.name}"
+            ) from exc
         if spec is not self.layout.dtype:
             raise ChunkShapeError(
                 f"kv_chunk has dtype {spec.name}, the pool holds {self.layout.dtype.name}; convert the "
                 "chunk or make a pool of that dtype"
             )
-        try:
+        with contextlib.suppress(TypeError):  # unhashable dtype objects are checked every time
             self._ok_dtypes.add(dtype)
-        except TypeError:  # unhashable dtype objects are checked every time
-            pass
 
     def _foreign(self, kv_obj: KVObj) -> ForeignHandleError:
         if kv_obj._pool is None:
@@ -496,7 +495,10 @@ class LocalCPUBufferPool(LocalCPUPool):
         slot_alignment: int = MIN_SLOT_ALIGNMENT,
     ) -> None:
         super().__init__(
-            metadata, backend=backend, pin_memory=pin_memory, thread_safe=thread_safe,
+            metadata,
+            backend=backend,
+            pin_memory=pin_memory,
+            thread_safe=thread_safe,
             slot_alignment=slot_alignment,
         )
         self._slot_freed = threading.Condition(threading.Lock())
