@@ -6,7 +6,10 @@ It knows nothing of memory, only of slot indices, so every backend shares it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from typing import Any
 
 from lmcache.errors import ConfigError, DoubleFreeError, StaleHandleError
 
@@ -40,26 +43,33 @@ class ChunkAllocator:
 
     Invariants (checked by the property tests):
         * a slot is free iff its generation is <= 0; free slots are exactly ``_free`` plus the
-          never-used slots ``[_fresh, capacity)``;
-        * ``used == capacity - len(_free) - (capacity - _fresh)``;
-        * no index appears twice in ``_free``.
+          never-used slots ``[_fresh, capacity)``; no index appears twice in ``_free``;
+        * freed slots are reused before never-used ones, so a never-used slot is taken only when every
+          slot below ``_fresh`` is in use: ``_fresh`` is the peak of ``num_used``;
+        * every hand-out draws one ticket, so ``_ticket`` counts allocations, and
+          ``frees == allocations - num_used``.
+
+    So the hot path keeps no counters of its own: used, peak, allocations and frees all follow from
+    ``_fresh``, ``len(_free)`` and ``_ticket``.
 
     Never-used slots are handed out from a counter, so construction costs O(1) bookkeeping beyond one
     list of generations (8 bytes per slot) and touches no arena memory.
 
     Fields are changed only under ``lock`` (a ``threading.Lock``, or ``None`` for single-owner use).
+    ``acquire`` and ``release`` are bound at construction to the unlocked core (single owner) or to a
+    wrapper that holds the lock, so single-owner use pays nothing for thread safety.
     """
 
     __slots__ = (
         "_failed",
         "_free",
-        "_frees",
         "_fresh",
-        "_min_free",
         "_ticket",
+        "acquire",
         "capacity",
         "generation",
         "lock",
+        "release",
     )
 
     def __init__(self, capacity: int, *, thread_safe: bool = True) -> None:
@@ -74,69 +84,80 @@ class ChunkAllocator:
         self.lock: threading.Lock | None = threading.Lock() if thread_safe else None
         self._free: list[int] = []  # freed slots, reused last-in first-out (warm in cache)
         self._fresh = 0  # slots [_fresh, capacity) were never handed out
-        self._min_free = capacity  # the lowest free count seen, for peak_used
-        self._frees = 0
         self._failed = 0
         self._ticket = 0
+        #: ``acquire(count_failure=True) -> slot``: pop a free slot, give it a new ticket, return its
+        #: index; -1 if none is free (counted as a failed allocation unless ``count_failure`` is False:
+        #: a waiting caller counts once, when it gives up).
+        self.acquire: Callable[..., int] = self._take if self.lock is None else self._take_locked
+        #: ``release(slot, generation)``: give back a slot handed out with ``generation``; raises
+        #: :class:`DoubleFreeError` / :class:`StaleHandleError` and changes nothing if it is not live.
+        self.release: Callable[[int, int], None] = self._give if self.lock is None else self._give_locked
 
     @property
     def num_free(self) -> int:
         """Slots that can be handed out now."""
-        return len(self._free) + self.capacity - self._fresh
+        return self.capacity - self.num_used
 
     @property
     def num_used(self) -> int:
         """Slots handed out and not yet released."""
-        return self.capacity - self.num_free
+        return self._fresh - len(self._free)
 
-    def acquire(self, count_failure: bool = True) -> int:
-        """Pop a free slot, give it a new ticket and return its index; -1 if none is free.
+    def _take(self, count_failure: bool = True) -> int:
+        free = self._free
+        if free:
+            slot = free.pop()
+        elif self._fresh < self.capacity:
+            slot = self._fresh
+            self._fresh = slot + 1
+        else:
+            if count_failure:
+                self._failed += 1
+            return -1
+        ticket = self._ticket = self._ticket + 1
+        self.generation[slot] = ticket
+        return slot
 
-        Reduces ``num_free`` by 1 on success; counts a failed allocation otherwise (unless
-        ``count_failure`` is False: a waiting caller counts once, when it gives up).
-        """
+    def _take_locked(self, count_failure: bool = True) -> int:
         lock = self.lock
-        if lock is not None:
-            lock.acquire()
+        lock.acquire()  # type: ignore[union-attr]
         try:
-            free = self._free
-            if free:
-                slot = free.pop()
-            elif self._fresh < self.capacity:
-                slot = self._fresh
-                self._fresh = slot + 1
-            else:
-                if count_failure:
-                    self._failed += 1
-                return -1
-            ticket = self._ticket + 1
-            self._ticket = ticket
-            self.generation[slot] = ticket
-            n = len(free) + self.capacity - self._fresh
-            if n < self._min_free:
-                self._min_free = n
-            return slot
+            return self._take(count_failure)
         finally:
-            if lock is not None:
-                lock.release()
+            lock.release()  # type: ignore[union-attr]
+
+    def _give(self, slot: int, generation: int) -> None:
+        gens = self.generation
+        if gens[slot] != generation:
+            raise self._handle_error(slot, generation)
+        gens[slot] = -generation
+        self._free.append(slot)
+
+    def _give_locked(self, slot: int, generation: int) -> None:
+        lock = self.lock
+        lock.acquire()  # type: ignore[union-attr]
+        try:
+            self._give(slot, generation)
+        finally:
+            lock.release()  # type: ignore[union-attr]
+
+    def _locked(self) -> AbstractContextManager[Any]:
+        return self.lock if self.lock is not None else nullcontext()
 
     def acquire_many(self, count: int) -> list[int] | None:
         """Take ``count`` slots at once, or none: all-or-nothing. Returns their indices or None."""
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigError(f"count must be a non-negative int, got {count!r}")
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        try:
+        with self._locked():
             free = self._free
-            available = len(free) + self.capacity - self._fresh
-            if count > available:
+            if count > self.capacity - self._fresh + len(free):
                 self._failed += count
                 return None
             take = min(count, len(free))
             slots = free[len(free) - take :]
             del free[len(free) - take :]
-            slots.reverse()  # same order single acquires would give
+            slots.reverse()  # the order single acquires would give
             rest = count - take
             if rest:
                 slots.extend(range(self._fresh, self._fresh + rest))
@@ -147,41 +168,11 @@ class ChunkAllocator:
                 ticket += 1
                 gens[slot] = ticket
             self._ticket = ticket
-            n = available - count
-            if n < self._min_free:
-                self._min_free = n
             return slots
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def release(self, slot: int, generation: int) -> None:
-        """Give back ``slot`` handed out with ``generation``; mark it free (generation ``-ticket``).
-
-        Raises:
-            DoubleFreeError: the slot was already released and is still free.
-            StaleHandleError: the slot was released and handed out again since.
-        """
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            gens = self.generation
-            if gens[slot] != generation:
-                raise self._handle_error(slot, generation)
-            gens[slot] = -generation
-            self._free.append(slot)
-            self._frees += 1
-        finally:
-            if lock is not None:
-                lock.release()
 
     def release_many(self, handles: list[tuple[int, int]]) -> None:
         """Release several ``(slot, generation)`` pairs; check all first, so an error frees none."""
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        try:
+        with self._locked():
             gens = self.generation
             seen: set[int] = set()
             for slot, generation in handles:
@@ -195,19 +186,11 @@ class ChunkAllocator:
             for slot, generation in handles:
                 gens[slot] = -generation
             self._free.extend(slot for slot, _ in handles)
-            self._frees += len(handles)
-        finally:
-            if lock is not None:
-                lock.release()
 
     def count_failure(self) -> None:
         """Count one failed allocation (for callers that waited with ``count_failure=False``)."""
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        self._failed += 1
-        if lock is not None:
-            lock.release()
+        with self._locked():
+            self._failed += 1
 
     def is_live(self, slot: int, generation: int) -> bool:
         """Whether a handle ``(slot, generation)`` still owns its slot."""
@@ -215,25 +198,18 @@ class ChunkAllocator:
 
     def stats(self, slot_bytes: int) -> PoolStats:
         """Return a consistent snapshot of the counters."""
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            free = len(self._free) + self.capacity - self._fresh
-            used = self.capacity - free
+        with self._locked():
+            used = self._fresh - len(self._free)
             return PoolStats(
                 total=self.capacity,
                 used=used,
-                free=free,
-                peak_used=self.capacity - self._min_free,
-                allocations=self._frees + used,
-                frees=self._frees,
+                free=self.capacity - used,
+                peak_used=self._fresh,
+                allocations=self._ticket,
+                frees=self._ticket - used,
                 failed_allocations=self._failed,
                 slot_bytes=slot_bytes,
             )
-        finally:
-            if lock is not None:
-                lock.release()
 
     def _handle_error(self, slot: int, generation: int) -> DoubleFreeError | StaleHandleError:
         current = self.generation[slot]

@@ -30,7 +30,10 @@ class KVObj:
     memory (valid memory, but no longer yours).
     """
 
-    __slots__ = ("_data", "_generation", "_pool", "_views", "chunk_idx", "num_tokens", "size")
+    # ``data`` is a plain slot, read at C speed; left unset, __getattr__ makes the view on first access.
+    __slots__ = ("_generation", "_pool", "_views", "chunk_idx", "data", "num_tokens", "size")
+    _views: dict[str, Any]
+    data: Any
 
     def __init__(
         self,
@@ -43,21 +46,21 @@ class KVObj:
     ) -> None:
         self.chunk_idx = chunk_idx
         self.size = size
-        self._data = data
+        if data is not None or pool is None:
+            self.data = data
         if num_tokens is None:
             num_tokens = int(data.shape[2]) if data is not None else 0
         self.num_tokens: int = num_tokens
         self._pool = pool
         self._generation = generation
-        self._views: dict[str, Any] | None = None
+        # _views (conversions to other frameworks) is set on first use: most objects never need it.
 
-    @property
-    def data(self) -> Any:
-        """The chunk's view in the pool's framework (made on first access for JAX pools)."""
-        data = self._data
-        if data is None and self._pool is not None:
-            data = self._data = self._pool._native_view(self)
-        return data
+    def __getattr__(self, name: str) -> Any:
+        # Called only for unset slots: ``data`` of a pool's object whose view is not made yet.
+        if name == "data":
+            data = self.data = self._pool._native_view(self)  # type: ignore[union-attr]
+            return data
+        raise AttributeError(f"'KVObj' object has no attribute {name!r}")
 
     @property
     def pool(self) -> LocalPool | None:

@@ -105,8 +105,13 @@ class LocalPool(BasePool):
         self._acquire: Callable[..., int] = self._allocator.acquire
         self._release: Callable[[int, int], None] = self._allocator.release
         self._full_shape = self.layout.kv_shape
+        self._view_shapes = [self.layout.view_shape(n) for n in range(self.chunk_size + 1)]
+        # Views are made once per slot (full chunks) or kept per slot for the last partial length:
+        # making a torch or JAX view costs more than the whole allocate.
         self._full_views: list[Any] = [None] * self.max_chunk_num
+        self._partial_views: list[tuple[int, Any] | None] = [None] * self.max_chunk_num
         self._ok_dtypes: set[Any] = set()
+        self._fast_dtype: Any = None
         self._closed = False
 
     # -- the seed API ------------------------------------------------------------------------------
@@ -147,18 +152,30 @@ class LocalPool(BasePool):
             ChunkShapeError: a dim or the dtype does not match; the pool is unchanged.
             PoolClosedError: the pool was closed.
         """
-        num_tokens = self._tokens_of(kv_chunk)
-        slot = self._acquire()
-        if slot < 0:
-            return None
-        return KVObj(
-            slot,
-            self.size_per_chunk,
-            self._full_views[slot] if num_tokens == self.chunk_size else None,
-            num_tokens,
-            self,
-            self._generation[slot],
-        )
+        # Fast path: one shape comparison and one identity check for the dtype seen before; anything
+        # else goes through _tokens_of, which validates fully and raises with the reason.
+        try:
+            shape = kv_chunk.shape
+            fast = kv_chunk.dtype is self._fast_dtype
+        except AttributeError:
+            fast = False
+        if fast and shape == self._full_shape:
+            slot = self._acquire()
+            if slot < 0:
+                return None
+            view = self._full_views[slot]
+            num_tokens = self.chunk_size
+        else:
+            num_tokens = self._tokens_of(kv_chunk)
+            slot = self._acquire()
+            if slot < 0:
+                return None
+            if num_tokens == self.chunk_size:
+                view = self._full_views[slot]
+            else:
+                cached = self._partial_views[slot]
+                view = cached[1] if cached is not None and cached[0] == num_tokens else None
+        return KVObj(slot, self.size_per_chunk, view, num_tokens, self, self._generation[slot])
 
     def free(self, kv_obj: KVObj, *, wait_for: Any = None) -> None:
         """Give the slot of ``kv_obj`` back to the pool and increase the free count by 1.
@@ -173,7 +190,10 @@ class LocalPool(BasePool):
             DoubleFreeError, StaleHandleError, ForeignHandleError: the handle does not own a slot of
                 this pool; the pool is unchanged.
         """
-        if kv_obj.__class__ is not KVObj and not isinstance(kv_obj, KVObj):
+        if wait_for is None and kv_obj.__class__ is KVObj and kv_obj._pool is self:
+            self._release(kv_obj.chunk_idx, kv_obj._generation)  # checks the generation: O(1)
+            return
+        if not isinstance(kv_obj, KVObj):
             raise ForeignHandleError(f"free() takes a KVObj, got {type(kv_obj).__name__}")
         if kv_obj._pool is not self:
             raise self._foreign(kv_obj)
@@ -282,6 +302,7 @@ class LocalPool(BasePool):
         self._acquire = _closed
         self._release = _closed
         self._full_views = [None] * self.max_chunk_num
+        self._partial_views = [None] * self.max_chunk_num
         self._arena.close()
 
     def __enter__(self) -> LocalPool:
@@ -312,9 +333,12 @@ class LocalPool(BasePool):
             raise ChunkTypeError(
                 f"allocate() needs an array-like with .shape and .dtype, got {type(kv_chunk).__name__}"
             ) from None
-        if shape == self._full_shape:
-            num_tokens = self.chunk_size
-        else:
+        try:
+            num_tokens = shape[2]
+            valid = 0 < num_tokens <= self.chunk_size and shape == self._view_shapes[num_tokens]
+        except (TypeError, IndexError):
+            valid = False
+        if not valid:  # say what is wrong
             try:
                 num_tokens = self.layout.tokens_of(tuple(shape))
             except TypeError:
@@ -338,6 +362,8 @@ class LocalPool(BasePool):
             )
         with contextlib.suppress(TypeError):  # unhashable dtype objects are checked every time
             self._ok_dtypes.add(dtype)
+        if self._fast_dtype is None:
+            self._fast_dtype = dtype
 
     def _foreign(self, kv_obj: KVObj) -> ForeignHandleError:
         if kv_obj._pool is None:
@@ -378,12 +404,17 @@ class LocalPool(BasePool):
             if view is None:
                 view = self._full_views[slot] = self._arena.view(slot, num_tokens)
             return view
-        return self._arena.view(slot, num_tokens)
+        cached = self._partial_views[slot]
+        if cached is not None and cached[0] == num_tokens:
+            return cached[1]
+        view = self._arena.view(slot, num_tokens)
+        self._partial_views[slot] = (num_tokens, view)
+        return view
 
     def _export(self, kv_obj: KVObj, framework: str) -> Any:
         if framework == self.backend:
             return kv_obj.data
-        views = kv_obj._views
+        views = getattr(kv_obj, "_views", None)
         if views is None:
             views = kv_obj._views = {}
         view = views.get(framework)
