@@ -346,7 +346,7 @@ class LocalPool(BasePool):
         dtype = getattr(kv_chunk, "dtype", None)
         if dtype is not None and dtype not in self._ok_dtypes:
             self._check_dtype(dtype)
-        return num_tokens
+        return int(num_tokens)
 
     def _check_dtype(self, dtype: Any) -> None:
         try:
