@@ -174,18 +174,18 @@ class ChunkAllocator:
         """Release several ``(slot, generation)`` pairs; check all first, so an error frees none."""
         with self._locked():
             gens = self.generation
-            seen: set[int] = set()
-            for slot, generation in handles:
-                if gens[slot] != generation:
+            for done, (slot, generation) in enumerate(handles):
+                if gens[slot] != generation:  # a handle named twice fails here the second time
+                    repeated = (slot, generation) in handles[:done]
+                    for undo_slot, undo_generation in handles[:done]:  # roll back: an error frees none
+                        gens[undo_slot] = undo_generation
+                    if repeated:
+                        raise DoubleFreeError(
+                            f"chunk {slot} appears twice in one free_batch; each KVObj may be freed once"
+                        )
                     raise self._handle_error(slot, generation)
-                if slot in seen:
-                    raise DoubleFreeError(
-                        f"slot {slot} appears twice in one free_batch; each KVObj may be freed once"
-                    )
-                seen.add(slot)
-            for slot, generation in handles:
                 gens[slot] = -generation
-            self._free.extend(slot for slot, _ in handles)
+            self._free.extend([slot for slot, _ in handles])
 
     def count_failure(self) -> None:
         """Count one failed allocation (for callers that waited with ``count_failure=False``)."""

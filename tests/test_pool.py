@@ -200,3 +200,31 @@ def test_gpu_pool_without_accelerator_raises(backend: str) -> None:
         ConfigError if backend == "numpy" else DeviceUnavailableError, match=r"GPU|host memory"
     ):
         LocalGPUPool(meta, backend=backend)
+
+
+def test_batches_build_handles_lazily_and_mix_with_single_frees(backend: str) -> None:
+    from lmcache.errors import DoubleFreeError
+    from lmcache.storage_backend.mem_pool import KVBatch
+
+    with small_pool(backend, slots=6) as pool:
+        chunks = [to_native(random_bits((2, 2, n, 2, 8), "float16", seed=n), backend) for n in (16, 3, 9)]
+        batch = pool.allocate_batch(chunks)
+        assert isinstance(batch, KVBatch)
+        assert len(batch) == 3
+        assert batch.num_tokens == [16, 3, 9]
+        assert batch._objs is None  # nothing built yet
+        assert batch[-1] is batch[2]
+        assert [obj.num_tokens for obj in batch] == [16, 3, 9]
+        assert [obj.chunk_idx for obj in batch[0:2]] == batch.chunk_idx[:2]
+        for obj, chunk in zip(batch, chunks, strict=True):
+            obj.copy_from(chunk)
+            assert same_bits(obj.data, chunk)
+        pool.free(batch[1])  # one handle freed on its own ...
+        before = pool.stats()
+        with pytest.raises(DoubleFreeError, match="double free"):  # ... so the batch is no longer whole
+            pool.free_batch(batch)
+        assert pool.stats() == before  # nothing freed
+        pool.free_batch([batch[0], batch[2]])
+        assert pool.stats().used == 0
+        with pytest.raises(IndexError):
+            batch[3]

@@ -3,7 +3,7 @@
 ``BasePool`` and ``KVObj`` live in :mod:`.base_pool`; the pools in :mod:`.local_pool`.
 """
 
-from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVObj
+from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
 from lmcache.storage_backend.mem_pool.local_pool import (
     LocalCPUBufferPool,
     LocalCPUPool,
@@ -11,4 +11,4 @@ from lmcache.storage_backend.mem_pool.local_pool import (
     LocalPool,
 )
 
-__all__ = ["BasePool", "KVObj", "LocalCPUBufferPool", "LocalCPUPool", "LocalGPUPool", "LocalPool"]
+__all__ = ["BasePool", "KVBatch", "KVObj", "LocalCPUBufferPool", "LocalCPUPool", "LocalGPUPool", "LocalPool"]

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, overload
 
 if TYPE_CHECKING:
     from lmcache.storage_backend.mem_pool.local_pool import LocalPool
@@ -151,6 +152,64 @@ class KVObj:
         return f"KVObj(chunk_idx={self.chunk_idx}, size={self.size}, num_tokens={self.num_tokens}, {state})"
 
 
+class KVBatch(Sequence[KVObj]):
+    """The result of ``allocate_batch``: a sequence of :class:`KVObj`, one per chunk, in order.
+
+    A batch holds its slots as two plain lists (``chunk_idx``, ``num_tokens``) and a run of tickets, and
+    builds each KVObj the first time it is indexed or iterated (then keeps it). So a batch that is
+    handed to ``free_batch`` untouched, or addressed by ``chunk_idx`` (as jitted JAX code over
+    ``pool.arena`` does), costs no per-chunk Python objects at all.
+
+    Its KVObjs are ordinary handles: free them one by one, or the whole batch with ``free_batch``
+    (which then checks every slot, like freeing each KVObj).
+    """
+
+    __slots__ = ("_objs", "_pool", "_size", "_ticket0", "chunk_idx", "num_tokens")
+
+    def __init__(
+        self, pool: LocalPool, chunk_idx: list[int], num_tokens: list[int], first_ticket: int, size: int
+    ) -> None:
+        self._pool = pool
+        #: Slot index of each chunk, in the order of ``allocate_batch``'s input.
+        self.chunk_idx = chunk_idx
+        #: Tokens of each chunk.
+        self.num_tokens = num_tokens
+        self._ticket0 = first_ticket
+        self._size = size
+        self._objs: list[KVObj | None] | None = None
+
+    def __len__(self) -> int:
+        return len(self.chunk_idx)
+
+    @overload
+    def __getitem__(self, index: int) -> KVObj: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[KVObj]: ...
+
+    def __getitem__(self, index: int | slice) -> KVObj | list[KVObj]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        objs = self._objs
+        if objs is None:
+            objs = self._objs = [None] * len(self.chunk_idx)
+        obj = objs[index]
+        if obj is None:
+            position = range(len(objs))[index]  # raises IndexError like a list
+            obj = objs[index] = self._pool._handle(
+                self.chunk_idx[position], self.num_tokens[position], self._ticket0 + position
+            )
+        return obj
+
+    def handles(self) -> list[tuple[int, int]]:
+        """``(chunk_idx, generation)`` of every chunk: what ``free_batch`` checks and releases."""
+        tickets = range(self._ticket0, self._ticket0 + len(self.chunk_idx))
+        return list(zip(self.chunk_idx, tickets, strict=True))
+
+    def __repr__(self) -> str:
+        return f"KVBatch({len(self)} chunks, chunk_idx={self.chunk_idx[:8]}{'...' if len(self) > 8 else ''})"
+
+
 class BasePool(abc.ABC):
     """Interface of a memory pool: hand out slots for KV chunks, take them back."""
 
@@ -174,4 +233,4 @@ class BasePool(abc.ABC):
         """Free the slot of ``kv_obj`` so that it can be allocated again."""
 
 
-__all__ = ["BasePool", "KVObj"]
+__all__ = ["BasePool", "KVBatch", "KVObj"]

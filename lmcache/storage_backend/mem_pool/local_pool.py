@@ -24,7 +24,7 @@ from lmcache.errors import (
 )
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
 from lmcache.registry import load_adapter, resolve_backend
-from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVObj
+from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
 
 
 def _closed(*_args: Any) -> Any:
@@ -203,40 +203,61 @@ class LocalPool(BasePool):
         self._release(kv_obj.chunk_idx, kv_obj._generation)
 
     # -- beyond the seed ---------------------------------------------------------------------------
-    def allocate_batch(self, kv_chunks: Sequence[Any]) -> list[KVObj] | None:
+    def allocate_batch(self, kv_chunks: Sequence[Any]) -> KVBatch | None:
         """Allocate a slot for each chunk, all or nothing.
 
-        Every chunk is checked first; then either every chunk gets a slot (returned in order) or none
-        does and the result is None (counted as ``len(kv_chunks)`` failed allocations).
+        Every chunk is checked first (a chunk object passed many times is checked once); then either
+        every chunk gets a slot or none does and the result is None (counted as ``len(kv_chunks)``
+        failed allocations).
+
+        Returns:
+            A :class:`KVBatch`: a sequence of KVObjs in input order, built lazily on first access.
         """
         if isinstance(kv_chunks, (str, bytes)) or not isinstance(kv_chunks, Iterable):
             raise ChunkTypeError(f"allocate_batch takes a sequence of arrays, got {type(kv_chunks).__name__}")
-        tokens = [self._tokens_of(chunk) for chunk in kv_chunks]
+        checked: dict[int, int] = {}  # id(chunk) -> tokens: a chunk passed many times is checked once
+        tokens = []
+        for chunk in kv_chunks:
+            n = checked.get(id(chunk))
+            if n is None:
+                n = checked[id(chunk)] = self._tokens_of(chunk)
+            tokens.append(n)
         self._check_open()
         slots = self._allocator.acquire_many(len(tokens))
         if slots is None:
             return None
-        size, gens, full, views = self.size_per_chunk, self._generation, self.chunk_size, self._full_views
-        return [
-            KVObj(slot, size, views[slot] if n == full else None, n, self, gens[slot])
-            for slot, n in zip(slots, tokens, strict=False)
-        ]
+        return KVBatch(self, slots, tokens, self._generation[slots[0]] if slots else 0, self.size_per_chunk)
+
+    def _handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
+        """Build the KVObj of a slot handed out with ``generation`` (used by :class:`KVBatch`)."""
+        if num_tokens == self.chunk_size:
+            view = self._full_views[slot]
+        else:
+            cached = self._partial_views[slot]
+            view = cached[1] if cached is not None and cached[0] == num_tokens else None
+        return KVObj(slot, self.size_per_chunk, view, num_tokens, self, generation)
 
     def free_batch(self, kv_objs: Iterable[KVObj], *, wait_for: Any = None) -> None:
-        """Free several KVObjs; every handle is checked before any is freed, so an error frees none."""
+        """Free several KVObjs (or a whole :class:`KVBatch`); every handle is checked before any is
+        freed, so an error frees none."""
+        if kv_objs.__class__ is KVBatch and kv_objs._pool is self and wait_for is None:  # type: ignore[attr-defined]
+            self._check_open()
+            self._allocator.release_many(kv_objs.handles())  # type: ignore[attr-defined]
+            return
         objs = list(kv_objs)
+        handles = []
         for obj in objs:
-            if not isinstance(obj, KVObj):
+            if obj.__class__ is not KVObj and not isinstance(obj, KVObj):
                 raise ForeignHandleError(f"free_batch() takes KVObjs, got a {type(obj).__name__}")
             if obj._pool is not self:
                 raise self._foreign(obj)
-        if self._closed:
-            _closed()
+            handles.append((obj.chunk_idx, obj._generation))
+        self._check_open()
         if wait_for is not None:
             for obj in objs:
                 self._check_live(obj)
             wait_until_ready(wait_for)
-        self._allocator.release_many([(obj.chunk_idx, obj._generation) for obj in objs])
+        self._allocator.release_many(handles)
 
     def put(self, kv_chunk: Any) -> KVObj | None:
         """Allocate a slot for ``kv_chunk`` and copy it in; None (nothing copied) when the pool is full.

@@ -1,0 +1,78 @@
+"""Command line: ``python -m lmcache bench`` (benchmark and self-check) and ``python -m lmcache info``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+
+def _shape(text: str) -> tuple[int, int, int, int, int]:
+    dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    if len(dims) != 5:
+        raise argparse.ArgumentTypeError("--shape takes 5 dims: L,2,tokens,H,D")
+    return dims  # type: ignore[return-value]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; return the exit status (1 when the self-check fails)."""
+    from lmcache import bench
+
+    parser = argparse.ArgumentParser(prog="python -m lmcache", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    info = commands.add_parser("info", help="versions, installed backends and accelerators")
+    info.add_argument("--json", action="store_true", help="print JSON")
+    run = commands.add_parser("bench", help="self-check, then benchmark every installed backend")
+    run.add_argument("--shape", type=_shape, default=bench.DEFAULT_SHAPE, help="chunk shape L,2,tokens,H,D")
+    run.add_argument("--dtype", default="bfloat16", help="element type (default bfloat16)")
+    run.add_argument("--pool-gib", type=float, default=2.0, help="pool size in GiB (default 2)")
+    run.add_argument(
+        "--backend",
+        action="append",
+        choices=["numpy", "torch", "jax"],
+        help="benchmark this backend (repeatable; default: every installed one)",
+    )
+    run.add_argument("--repeat", type=int, default=7, help="interleaved trials; the best counts")
+    run.add_argument("--ops", type=int, default=50_000, help="operations per timing trial")
+    run.add_argument("--big-pool-gib", type=float, default=16.0, help="size of the construction test")
+    run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
+    run.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    args = parser.parse_args(argv)
+
+    if args.command == "info":
+        environment = bench.environment()
+        if args.json:
+            import json
+
+            print(json.dumps(environment, indent=2))
+        else:
+            for key, value in environment.items():
+                print(f"{key}: {value}")
+        return 0
+
+    opts = bench.Options(
+        shape=args.shape,
+        dtype=args.dtype,
+        pool_gib=args.pool_gib,
+        backends=args.backend or (),
+        repeat=2 if args.quick else args.repeat,
+        ops=2_000 if args.quick else args.ops,
+        big_pool_gib=1.0 if args.quick else args.big_pool_gib,
+    )
+    results, failures = bench.run(opts)
+    if args.json:
+        print(bench.to_json(results, failures))
+    else:
+        for key, value in bench.environment().items():
+            print(f"- {key}: {value}")
+        print()
+        print(bench.format_table(results))
+        print()
+        print("self-check: " + ("PASS" if not failures else "FAIL"))
+        for failure in failures:
+            print(f"  - {failure}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
