@@ -6,7 +6,6 @@ It knows nothing of memory, only of slot indices, so every backend shares it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -56,8 +55,6 @@ class ChunkAllocator:
     list of generations (8 bytes per slot) and touches no arena memory.
 
     Fields are changed only under ``lock`` (a ``threading.Lock``, or ``None`` for single-owner use).
-    ``acquire`` and ``release`` are bound at construction to the unlocked core (single owner) or to a
-    wrapper that holds the lock, so single-owner use pays nothing for thread safety.
     """
 
     __slots__ = (
@@ -65,11 +62,9 @@ class ChunkAllocator:
         "_free",
         "_fresh",
         "_ticket",
-        "acquire",
         "capacity",
         "generation",
         "lock",
-        "release",
     )
 
     def __init__(self, capacity: int, *, thread_safe: bool = True) -> None:
@@ -86,13 +81,6 @@ class ChunkAllocator:
         self._fresh = 0  # slots [_fresh, capacity) were never handed out
         self._failed = 0
         self._ticket = 0
-        #: ``acquire(count_failure=True) -> slot``: pop a free slot, give it a new ticket, return its
-        #: index; -1 if none is free (counted as a failed allocation unless ``count_failure`` is False:
-        #: a waiting caller counts once, when it gives up).
-        self.acquire: Callable[..., int] = self._take if self.lock is None else self._take_locked
-        #: ``release(slot, generation)``: give back a slot handed out with ``generation``; raises
-        #: :class:`DoubleFreeError` / :class:`StaleHandleError` and changes nothing if it is not live.
-        self.release: Callable[[int, int], None] = self._give if self.lock is None else self._give_locked
 
     @property
     def num_free(self) -> int:
@@ -104,43 +92,54 @@ class ChunkAllocator:
         """Slots handed out and not yet released."""
         return self._fresh - len(self._free)
 
-    def _take(self, count_failure: bool = True) -> int:
-        free = self._free
-        if free:
-            slot = free.pop()
-        elif self._fresh < self.capacity:
-            slot = self._fresh
-            self._fresh = slot + 1
-        else:
-            if count_failure:
-                self._failed += 1
-            return -1
-        ticket = self._ticket = self._ticket + 1
-        self.generation[slot] = ticket
-        return slot
+    def acquire(self, count_failure: bool = True) -> int:
+        """Pop a free slot, give it a new ticket and return its index; -1 if none is free.
 
-    def _take_locked(self, count_failure: bool = True) -> int:
+        Reduces ``num_free`` by 1 on success; counts a failed allocation otherwise (unless
+        ``count_failure`` is False: a waiting caller counts once, when it gives up).
+        """
+        # One function for both modes: a None check costs less than a second frame would.
         lock = self.lock
-        lock.acquire()  # type: ignore[union-attr]
+        if lock is not None:
+            lock.acquire()
         try:
-            return self._take(count_failure)
+            free = self._free
+            if free:
+                slot = free.pop()
+            elif self._fresh < self.capacity:
+                slot = self._fresh
+                self._fresh = slot + 1
+            else:
+                if count_failure:
+                    self._failed += 1
+                return -1
+            ticket = self._ticket = self._ticket + 1
+            self.generation[slot] = ticket
+            return slot
         finally:
-            lock.release()  # type: ignore[union-attr]
+            if lock is not None:
+                lock.release()
 
-    def _give(self, slot: int, generation: int) -> None:
-        gens = self.generation
-        if gens[slot] != generation:
-            raise self._handle_error(slot, generation)
-        gens[slot] = -generation
-        self._free.append(slot)
+    def release(self, slot: int, generation: int) -> None:
+        """Give back a slot handed out with ``generation``; mark it free (generation ``-ticket``).
 
-    def _give_locked(self, slot: int, generation: int) -> None:
+        Raises:
+            DoubleFreeError: the slot was already released and is still free.
+            StaleHandleError: the slot was released and handed out again since (or the handle
+                was edited). Either way nothing changes.
+        """
         lock = self.lock
-        lock.acquire()  # type: ignore[union-attr]
+        if lock is not None:
+            lock.acquire()
         try:
-            self._give(slot, generation)
+            gens = self.generation
+            if gens[slot] != generation:
+                raise self._handle_error(slot, generation)
+            gens[slot] = -generation
+            self._free.append(slot)
         finally:
-            lock.release()  # type: ignore[union-attr]
+            if lock is not None:
+                lock.release()
 
     def _locked(self) -> AbstractContextManager[Any]:
         return self.lock if self.lock is not None else nullcontext()

@@ -32,7 +32,15 @@ class KVObj:
     """
 
     # ``data`` is a plain slot, read at C speed; left unset, __getattr__ makes the view on first access.
-    __slots__ = ("_generation", "_pool", "_views", "chunk_idx", "data", "num_tokens", "size")
+    __slots__ = {
+        "_generation": "The ticket the slot was handed out with (see ChunkAllocator).",
+        "_pool": "The pool that allocated this object, or None.",
+        "_views": "Views in other frameworks, made on first use.",
+        "chunk_idx": "The slot's index in the pool.",
+        "data": "The chunk as a contiguous (L, 2, num_tokens, H, D) array of the pool's framework.",
+        "num_tokens": "Tokens the chunk holds (data.shape[2]).",
+        "size": "Bytes the object occupies in the pool: the slot stride, pool.size_per_chunk.",
+    }
     _views: dict[str, Any]
     data: Any
 

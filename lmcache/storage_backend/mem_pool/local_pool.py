@@ -156,25 +156,24 @@ class LocalPool(BasePool):
         # else goes through _tokens_of, which validates fully and raises with the reason.
         try:
             shape = kv_chunk.shape
-            fast = kv_chunk.dtype is self._fast_dtype
-        except AttributeError:
+            num_tokens = shape[2]
+            fast = (
+                kv_chunk.dtype is self._fast_dtype
+                and 0 < num_tokens <= self.chunk_size
+                and shape == self._view_shapes[num_tokens]
+            )
+        except (AttributeError, TypeError, IndexError):
             fast = False
-        if fast and shape == self._full_shape:
-            slot = self._acquire()
-            if slot < 0:
-                return None
-            view = self._full_views[slot]
-            num_tokens = self.chunk_size
-        else:
+        if not fast:
             num_tokens = self._tokens_of(kv_chunk)
-            slot = self._acquire()
-            if slot < 0:
-                return None
-            if num_tokens == self.chunk_size:
-                view = self._full_views[slot]
-            else:
-                cached = self._partial_views[slot]
-                view = cached[1] if cached is not None and cached[0] == num_tokens else None
+        slot = self._acquire()
+        if slot < 0:
+            return None
+        if num_tokens == self.chunk_size:
+            view = self._full_views[slot]
+        else:
+            cached = self._partial_views[slot]
+            view = cached[1] if cached is not None and cached[0] == num_tokens else None
         return KVObj(slot, self.size_per_chunk, view, num_tokens, self, self._generation[slot])
 
     def free(self, kv_obj: KVObj, *, wait_for: Any = None) -> None:
@@ -411,6 +410,15 @@ class LocalPool(BasePool):
             _closed()
 
     def _check_live(self, kv_obj: KVObj) -> None:
+        slot = kv_obj.chunk_idx
+        # Fast path: tickets are unique and positive, so an equal generation means a live handle.
+        if (
+            slot.__class__ is int
+            and 0 <= slot < self.max_chunk_num
+            and not self._closed
+            and self._generation[slot] == kv_obj._generation
+        ):
+            return
         self._check_open()
         if not self._is_live(kv_obj):
             slot = kv_obj.chunk_idx
