@@ -100,3 +100,13 @@ def small_pool(backend: str, dtype: str = "float16", slots: int = 8, **kwargs: A
     slot_bytes = SlotLayout.from_metadata(meta).slot_bytes
     meta = LMCacheMemPoolMetadata(SMALL_SHAPE, dtype, slots * slot_bytes / 2**30)
     return LocalCPUPool(meta, backend=backend, **kwargs)
+
+
+def require_gpu(framework: str) -> Any:
+    """Import ``framework`` and skip unless it sees a GPU (the GPU tests' only skip)."""
+    module = require(framework)
+    from lmcache.registry import load_adapter
+
+    if not load_adapter(framework).accelerators():
+        pytest.skip(f"{framework} sees no GPU")
+    return module
