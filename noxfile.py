@@ -93,5 +93,5 @@ def bench(session: nox.Session) -> None:
     """Benchmarks: the pytest-benchmark suite and ``python -m lmcache bench`` (not in the default run)."""
     session.install(*TORCH)
     session.install(".[all]", *nox.project.dependency_groups(PYPROJECT, "bench"))
-    session.run("pytest", "tests/bench", "--benchmark-only", "-p", "no:cacheprovider", "-o", "addopts=")
+    session.run("pytest", "tests/bench", "--benchmark-only", "-o", "addopts=--import-mode=importlib")
     session.run("python", "-m", "lmcache", "bench", *session.posargs)
