@@ -21,8 +21,8 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from kvtest import random_bits, require, small_pool, to_native
 
+from kvtest import random_bits, require, small_pool, to_native
 from lmcache.allocator import ChunkAllocator
 from lmcache.errors import DoubleFreeError, InvalidHandleError, StaleHandleError
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kvtest import SMALL_SHAPE, random_bits, small_pool, to_native
 
+from kvtest import SMALL_SHAPE, random_bits, small_pool, to_native
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import (
     ChunkShapeError,

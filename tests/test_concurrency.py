@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kvtest import random_bits, small_pool, to_native
 
+from kvtest import random_bits, small_pool, to_native
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import PoolClosedError
 from lmcache.storage_backend.mem_pool import LocalCPUBufferPool

@@ -7,8 +7,8 @@ import math
 import ml_dtypes
 import numpy as np
 import pytest
-from kvtest import require
 
+from kvtest import require
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.dtypes import KV_DTYPES, normalize_dtype
 from lmcache.errors import ConfigError

@@ -7,6 +7,7 @@ import pathlib
 import re
 
 import pytest
+
 from kvtest import require
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

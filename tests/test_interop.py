@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+
 from kvtest import BACKENDS, pointer, random_bits, require, same_bits, small_pool, to_host, to_native
 
 DTYPES = ("float16", "bfloat16", "float32", "float8_e4m3fn", "int8")

@@ -9,6 +9,7 @@ import textwrap
 
 import numpy as np
 import pytest
+
 from kvtest import pointer, random_bits, require, same_bits, small_pool, to_native
 
 

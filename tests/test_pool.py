@@ -7,8 +7,8 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
-from kvtest import kv_dtype_for, pointer, random_bits, require, same_bits, small_pool, to_native
 
+from kvtest import kv_dtype_for, pointer, random_bits, require, same_bits, small_pool, to_native
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import DoubleFreeError, PoolClosedError
 from lmcache.storage_backend.mem_pool import (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from kvtest import pointer, random_bits, require, same_bits, small_pool, to_native
 
 

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from kvtest import pointer, random_bits, require_gpu, same_bits, to_host
 
+from kvtest import pointer, random_bits, require_gpu, same_bits, to_host
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.storage_backend.mem_pool import LocalCPUPool, LocalGPUPool
 
