@@ -28,6 +28,10 @@ TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
 def _pytest(session: nox.Session, required: str, absent: str = "") -> None:
     env = {"LMCACHE_REQUIRE_BACKENDS": required, "LMCACHE_ABSENT_FRAMEWORKS": absent}
     session.run("pytest", *session.posargs, env=env)
+    # The main job on this install: its self-check must pass (a short run; figures come from `bench`).
+    session.run(
+        "python", "-m", "lmcache", "bench", "--quick", *(f"--backend={b}" for b in required.split(","))
+    )
 
 
 @nox.session
