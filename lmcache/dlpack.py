@@ -98,6 +98,37 @@ def _dl_tensor(capsule: Any) -> _DLTensor:
     raise BufferError(f"expected a fresh DLPack capsule, got one named {name!r}")
 
 
+def export(
+    producer: Any,
+    *,
+    stream: Any = None,
+    max_version: tuple[int, int] | None = None,
+    dl_device: tuple[int, int] | None = None,
+    copy: bool | None = None,
+) -> Any:
+    """Call ``producer.__dlpack__`` with the protocol keywords that were given.
+
+    Keywords left at None are not passed, and a producer that predates the DLPack 2023 keywords
+    (``max_version``, ``dl_device``, ``copy``) is asked again with ``stream`` alone.
+    """
+    kwargs: dict[str, Any] = {
+        name: value
+        for name, value in (
+            ("stream", stream),
+            ("max_version", max_version),
+            ("dl_device", dl_device),
+            ("copy", copy),
+        )
+        if value is not None
+    }
+    try:
+        return producer.__dlpack__(**kwargs)
+    except TypeError:
+        if dl_device is not None or copy is not None:
+            raise  # those requests cannot be dropped silently
+        return producer.__dlpack__(stream=stream) if stream is not None else producer.__dlpack__()
+
+
 class DLPackView:
     """A DLPack producer for a typed, compact view of memory exported by another producer.
 
@@ -149,19 +180,8 @@ class DLPackView:
             )
         if copy and self._shape is not None:
             raise BufferError("a sub-view cannot be exported as a copy; use kv_obj.clone() instead")
-        kwargs: dict[str, Any] = {}
-        if stream is not None:
-            kwargs["stream"] = stream
-        if max_version is not None:
-            kwargs["max_version"] = max_version
-        if copy is not None:
-            kwargs["copy"] = copy
-        try:
-            capsule = self._owner.__dlpack__(**kwargs)
-        except TypeError:  # an owner that predates the DLPack 2023 keywords
-            capsule = (
-                self._owner.__dlpack__(stream=stream) if stream is not None else self._owner.__dlpack__()
-            )
+        # The owner exports on its own device, so dl_device is not passed on (checked above).
+        capsule = export(self._owner, stream=stream, max_version=max_version, copy=copy)
         tensor = _dl_tensor(capsule)
         tensor.dtype.code = self._spec.dlpack_code
         tensor.dtype.bits = 8 * self._spec.itemsize
@@ -177,4 +197,4 @@ class DLPackView:
         return capsule
 
 
-__all__ = ["DLPackView"]
+__all__ = ["DLPackView", "export"]

@@ -40,7 +40,10 @@ def test_seed_names_and_signatures(path: str, params: list[str]) -> None:
     names = list(signature.parameters)
     assert names[: len(params)] == params
     extra = [p for p in list(signature.parameters.values())[len(params) :]]
-    assert all(p.default is not inspect.Parameter.empty for p in extra), "extras must be optional"
+    variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
+    assert all(p.default is not inspect.Parameter.empty or p.kind in variadic for p in extra), (
+        "parameters beyond the seed's must be optional"
+    )
     package = importlib.import_module("lmcache.storage_backend.mem_pool")
     assert getattr(package, attr_path.split(".")[0]) is getattr(
         importlib.import_module(f"lmcache.storage_backend.mem_pool.{module_name}"), attr_path.split(".")[0]

@@ -128,17 +128,10 @@ class KVObj:
         copy: bool | None = None,
     ) -> Any:
         """Export the chunk through DLPack (so ``torch.from_dlpack(obj)`` and friends work)."""
+        from lmcache.dlpack import export
+
         producer = self._owner()._dlpack_producer(self)
-        kwargs: dict[str, Any] = {}
-        if stream is not None:
-            kwargs["stream"] = stream
-        if max_version is not None:
-            kwargs["max_version"] = max_version
-        if dl_device is not None:
-            kwargs["dl_device"] = dl_device
-        if copy is not None:
-            kwargs["copy"] = copy
-        return producer.__dlpack__(**kwargs)
+        return export(producer, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         """Return the DLPack ``(device_type, device_id)`` of the slot's memory."""

@@ -545,22 +545,9 @@ class LocalCPUBufferPool(LocalCPUPool):
     every waiter, which then raises :class:`~lmcache.errors.PoolClosedError`.
     """
 
-    def __init__(
-        self,
-        metadata: LMCacheMemPoolMetadata,
-        *,
-        backend: str | None = None,
-        pin_memory: bool | None = None,
-        thread_safe: bool = True,
-        slot_alignment: int = MIN_SLOT_ALIGNMENT,
-    ) -> None:
-        super().__init__(
-            metadata,
-            backend=backend,
-            pin_memory=pin_memory,
-            thread_safe=thread_safe,
-            slot_alignment=slot_alignment,
-        )
+    def __init__(self, metadata: LMCacheMemPoolMetadata, **options: Any) -> None:
+        """Take the options of :class:`LocalCPUPool` (``backend``, ``pin_memory``, ...)."""
+        super().__init__(metadata, **options)
         self._slot_freed = threading.Condition(threading.Lock())
 
     def allocate(self, kv_chunk: Any, timeout: float = 0.0) -> KVObj | None:
