@@ -87,7 +87,7 @@ def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors, then run every example in them (doctest)."""
     session.install(*TORCH)
     session.install(".[all]", *nox.project.dependency_groups(PYPROJECT, "docs"))
-    common = ["-W", "--keep-going", "-n", "docs"]
+    common = ["-W", "--keep-going", "docs"]
     session.run("sphinx-build", "-b", "html", *common, "docs/_build/html")
     session.run("sphinx-build", "-b", "doctest", *common, "docs/_build/doctest")
 
