@@ -6,8 +6,10 @@ It knows nothing of memory, only of slot indices, so every backend shares it.
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
+from operator import itemgetter
 from typing import Any
 
 from lmcache.errors import ConfigError, DoubleFreeError, StaleHandleError
@@ -133,7 +135,11 @@ class ChunkAllocator:
             lock.acquire()
         try:
             gens = self.generation
-            if gens[slot] != generation:
+            try:
+                live = gens[slot] == generation and slot >= 0  # -1 would alias the last slot
+            except (IndexError, TypeError):
+                live = False
+            if not live:
                 raise self._handle_error(slot, generation)
             gens[slot] = -generation
             self._free.append(slot)
@@ -144,8 +150,13 @@ class ChunkAllocator:
     def _locked(self) -> AbstractContextManager[Any]:
         return self.lock if self.lock is not None else nullcontext()
 
-    def acquire_many(self, count: int) -> list[int] | None:
-        """Take ``count`` slots at once, or none: all-or-nothing. Returns their indices or None."""
+    def acquire_many(self, count: int) -> tuple[list[int], int] | None:
+        """Take ``count`` slots at once, or none: all-or-nothing.
+
+        Returns:
+            ``(slots, first_ticket)``: slot ``slots[i]`` has generation ``first_ticket + i``; or None
+            (counted as ``count`` failed allocations) when fewer than ``count`` slots are free.
+        """
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigError(f"count must be a non-negative int, got {count!r}")
         with self._locked():
@@ -161,30 +172,49 @@ class ChunkAllocator:
             if rest:
                 slots.extend(range(self._fresh, self._fresh + rest))
                 self._fresh += rest
+            first = self._ticket + 1
             gens = self.generation
-            ticket = self._ticket
-            for slot in slots:
-                ticket += 1
+            for slot, ticket in zip(slots, range(first, first + count), strict=True):
                 gens[slot] = ticket
-            self._ticket = ticket
-            return slots
+            self._ticket = first + count - 1
+            return slots, first
 
-    def release_many(self, handles: list[tuple[int, int]]) -> None:
-        """Release several ``(slot, generation)`` pairs; check all first, so an error frees none."""
+    def release_many(self, slots: Sequence[int], generations: Sequence[int]) -> None:
+        """Release ``slots[i]`` handed out with ``generations[i]``; check all first, so an error frees none.
+
+        Raises:
+            DoubleFreeError: a slot is named twice, or was already released.
+            StaleHandleError: a slot was released and handed out again since.
+        """
+        if not slots:
+            return
         with self._locked():
             gens = self.generation
-            for done, (slot, generation) in enumerate(handles):
-                if gens[slot] != generation:  # a handle named twice fails here the second time
-                    repeated = (slot, generation) in handles[:done]
-                    for undo_slot, undo_generation in handles[:done]:  # roll back: an error frees none
-                        gens[undo_slot] = undo_generation
-                    if repeated:
-                        raise DoubleFreeError(
-                            f"chunk {slot} appears twice in one free_batch; each KVObj may be freed once"
-                        )
-                    raise self._handle_error(slot, generation)
+            # Checked at C speed: the current generations of all slots against the handles'.
+            try:
+                current = itemgetter(*slots)(gens) if len(slots) > 1 else (gens[slots[0]],)
+                valid = current == tuple(generations) and min(slots) >= 0
+            except (IndexError, TypeError):
+                valid = False
+            if not valid or len(set(slots)) != len(slots):
+                raise self._first_bad_handle(slots, generations)
+            for slot, generation in zip(slots, generations, strict=True):
                 gens[slot] = -generation
-            self._free.extend([slot for slot, _ in handles])
+            self._free.extend(slots)
+
+    def _first_bad_handle(
+        self, slots: Sequence[int], generations: Sequence[int]
+    ) -> DoubleFreeError | StaleHandleError:
+        seen: set[int] = set()
+        for slot, generation in zip(slots, generations, strict=True):
+            if slot in seen:
+                return DoubleFreeError(
+                    f"chunk {slot} appears twice in one free_batch; each KVObj may be freed once"
+                )
+            seen.add(slot)
+            if not self.is_live(slot, generation):
+                return self._handle_error(slot, generation)
+        raise RuntimeError("release_many found no bad handle; this is a bug")  # unreachable
 
     def count_failure(self) -> None:
         """Count one failed allocation (for callers that waited with ``count_failure=False``)."""
@@ -193,7 +223,7 @@ class ChunkAllocator:
 
     def is_live(self, slot: int, generation: int) -> bool:
         """Whether a handle ``(slot, generation)`` still owns its slot."""
-        return self.generation[slot] == generation
+        return isinstance(slot, int) and 0 <= slot < self.capacity and self.generation[slot] == generation
 
     def stats(self, slot_bytes: int) -> PoolStats:
         """Return a consistent snapshot of the counters."""
@@ -211,6 +241,11 @@ class ChunkAllocator:
             )
 
     def _handle_error(self, slot: int, generation: int) -> DoubleFreeError | StaleHandleError:
+        if not (isinstance(slot, int) and 0 <= slot < self.capacity):
+            return StaleHandleError(
+                f"KVObj names chunk {slot!r}, outside this pool's 0..{self.capacity - 1}: the handle was "
+                "edited; use KVObjs as allocate() returned them"
+            )
         current = self.generation[slot]
         if current == -generation:
             return DoubleFreeError(

@@ -180,13 +180,23 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @rule(count=st.integers(0, 6))
     def acquire_many(self, count: int) -> None:
-        slots = self.allocator.acquire_many(count)
-        if slots is None:
+        taken = self.allocator.acquire_many(count)
+        if taken is None:
             assert len(self.held) + count > 5
             return
+        slots, first = taken
         assert len(set(slots)) == count
         assert not set(slots) & set(self.held)
+        assert [self.allocator.generation[slot] for slot in slots] == list(range(first, first + count))
         self.held.update({slot: self.allocator.generation[slot] for slot in slots})
+
+    @precondition(lambda self: len(self.held) >= 2)
+    @rule(data=st.data())
+    def release_many(self, data: st.DataObject) -> None:
+        chosen = data.draw(st.lists(st.sampled_from(sorted(self.held)), min_size=1, unique=True))
+        self.allocator.release_many(chosen, [self.held[slot] for slot in chosen])
+        for slot in chosen:
+            self.released.append((slot, self.held.pop(slot)))
 
     @precondition(lambda self: bool(self.held))
     @rule(data=st.data())

@@ -202,10 +202,10 @@ class KVBatch(Sequence[KVObj]):
             )
         return obj
 
-    def handles(self) -> list[tuple[int, int]]:
-        """``(chunk_idx, generation)`` of every chunk: what ``free_batch`` checks and releases."""
-        tickets = range(self._ticket0, self._ticket0 + len(self.chunk_idx))
-        return list(zip(self.chunk_idx, tickets, strict=True))
+    @property
+    def generations(self) -> range:
+        """The generation (ticket) of each chunk's slot: what ``free_batch`` checks."""
+        return range(self._ticket0, self._ticket0 + len(self.chunk_idx))
 
     def __repr__(self) -> str:
         return f"KVBatch({len(self)} chunks, chunk_idx={self.chunk_idx[:8]}{'...' if len(self) > 8 else ''})"

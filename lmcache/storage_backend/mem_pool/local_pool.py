@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import operator
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
+from itertools import repeat
 from typing import Any
 
 import numpy as np
@@ -214,18 +216,23 @@ class LocalPool(BasePool):
         """
         if isinstance(kv_chunks, (str, bytes)) or not isinstance(kv_chunks, Iterable):
             raise ChunkTypeError(f"allocate_batch takes a sequence of arrays, got {type(kv_chunks).__name__}")
-        checked: dict[int, int] = {}  # id(chunk) -> tokens: a chunk passed many times is checked once
-        tokens = []
-        for chunk in kv_chunks:
-            n = checked.get(id(chunk))
-            if n is None:
-                n = checked[id(chunk)] = self._tokens_of(chunk)
-            tokens.append(n)
+        chunks = list(kv_chunks)
+        if chunks and all(map(operator.is_, chunks, repeat(chunks[0]))):  # one chunk many times: check once
+            tokens = [self._tokens_of(chunks[0])] * len(chunks)
+        else:
+            checked: dict[int, int] = {}  # id(chunk) -> tokens
+            tokens = []
+            for chunk in chunks:
+                n = checked.get(id(chunk))
+                if n is None:
+                    n = checked[id(chunk)] = self._tokens_of(chunk)
+                tokens.append(n)
         self._check_open()
-        slots = self._allocator.acquire_many(len(tokens))
-        if slots is None:
+        taken = self._allocator.acquire_many(len(tokens))
+        if taken is None:
             return None
-        return KVBatch(self, slots, tokens, self._generation[slots[0]] if slots else 0, self.size_per_chunk)
+        slots, first_ticket = taken
+        return KVBatch(self, slots, tokens, first_ticket, self.size_per_chunk)
 
     def _handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
         """Build the KVObj of a slot handed out with ``generation`` (used by :class:`KVBatch`)."""
@@ -241,22 +248,20 @@ class LocalPool(BasePool):
         freed, so an error frees none."""
         if kv_objs.__class__ is KVBatch and kv_objs._pool is self and wait_for is None:  # type: ignore[attr-defined]
             self._check_open()
-            self._allocator.release_many(kv_objs.handles())  # type: ignore[attr-defined]
+            self._allocator.release_many(kv_objs.chunk_idx, kv_objs.generations)  # type: ignore[attr-defined]
             return
         objs = list(kv_objs)
-        handles = []
         for obj in objs:
             if obj.__class__ is not KVObj and not isinstance(obj, KVObj):
                 raise ForeignHandleError(f"free_batch() takes KVObjs, got a {type(obj).__name__}")
             if obj._pool is not self:
                 raise self._foreign(obj)
-            handles.append((obj.chunk_idx, obj._generation))
         self._check_open()
         if wait_for is not None:
             for obj in objs:
                 self._check_live(obj)
             wait_until_ready(wait_for)
-        self._allocator.release_many(handles)
+        self._allocator.release_many([obj.chunk_idx for obj in objs], [obj._generation for obj in objs])
 
     def put(self, kv_chunk: Any) -> KVObj | None:
         """Allocate a slot for ``kv_chunk`` and copy it in; None (nothing copied) when the pool is full.
