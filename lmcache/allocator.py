@@ -33,40 +33,42 @@ class PoolStats:
 
 
 class ChunkAllocator:
-    """Hands out slot indices in O(1) and takes them back in O(1), with a generation per slot.
+    """Which slots are free and who owns the others: O(1) hand-out and return, a generation per slot.
 
     Why: a pool must never give one slot to two owners, even when a caller frees twice or frees a
-    handle it kept after the slot was reused. Each hand-out draws a new ticket from a per-allocator counter;
-    a slot's generation is that ticket while it is handed out, and minus the ticket once it is freed
-    (0 if never used). A handle records its ticket; ``release`` accepts it only if the slot still has
-    that generation. So stale and double frees are caught in O(1), always (not in a debug mode), and
-    change nothing; tickets are unique, so a handle edited to name another slot is caught too.
+    handle it kept after the slot was reused. Each hand-out draws a new ticket (``ticket + 1``); a
+    slot's generation is that ticket while it is handed out, and minus the ticket once it is freed
+    (0 if never used). A handle records its ticket, and a slot is taken back only if it still has that
+    generation. So stale and double frees are caught in O(1), always (not in a debug mode), and change
+    nothing; tickets are unique, so a handle edited to name another slot is caught too.
 
     Invariants (checked by the property tests):
-        * a slot is free iff its generation is <= 0; free slots are exactly ``_free`` plus the
-          never-used slots ``[_fresh, capacity)``; no index appears twice in ``_free``;
+        * a slot is free iff its generation is <= 0; free slots are exactly ``free_slots`` plus the
+          never-used slots ``[_fresh, capacity)``; no index appears twice in ``free_slots``;
         * freed slots are reused before never-used ones, so a never-used slot is taken only when every
           slot below ``_fresh`` is in use: ``_fresh`` is the peak of ``num_used``;
-        * every hand-out draws one ticket, so ``_ticket`` counts allocations, and
+        * every hand-out draws one ticket, so ``ticket`` counts allocations, and
           ``frees == allocations - num_used``.
 
     So the hot path keeps no counters of its own: used, peak, allocations and frees all follow from
-    ``_fresh``, ``len(_free)`` and ``_ticket``.
-
-    Never-used slots are handed out from a counter, so construction costs O(1) bookkeeping beyond one
-    list of generations (8 bytes per slot) and touches no arena memory.
+    ``_fresh``, ``len(free_slots)`` and ``ticket``. Never-used slots are handed out from a counter, so
+    construction costs one list of generations (8 bytes per slot) and touches no arena memory.
 
     Fields are changed only under ``lock`` (a ``threading.Lock``, or ``None`` for single-owner use).
+    The batch operations live here; the single-slot hand-out and return are
+    :meth:`LocalPool.allocate <lmcache.storage_backend.mem_pool.local_pool.LocalPool.allocate>` and
+    ``free``, which work on ``free_slots``, ``generation`` and ``ticket`` directly under ``lock``: two
+    Python calls more per allocate/free cost as much as the lock itself.
     """
 
     __slots__ = (
         "_failed",
-        "_free",
         "_fresh",
-        "_ticket",
         "capacity",
+        "free_slots",
         "generation",
         "lock",
+        "ticket",
     )
 
     def __init__(self, capacity: int, *, thread_safe: bool = True) -> None:
@@ -79,10 +81,12 @@ class ChunkAllocator:
         self.generation: list[int] = [0] * capacity
         #: Lock guarding every field, or None when the owner promised single-threaded use.
         self.lock: threading.Lock | None = threading.Lock() if thread_safe else None
-        self._free: list[int] = []  # freed slots, reused last-in first-out (warm in cache)
+        #: Freed slots, reused last-in first-out (warm in cache).
+        self.free_slots: list[int] = []
         self._fresh = 0  # slots [_fresh, capacity) were never handed out
         self._failed = 0
-        self._ticket = 0
+        #: The last ticket drawn: every hand-out draws ``ticket + 1``.
+        self.ticket = 0
 
     @property
     def num_free(self) -> int:
@@ -92,77 +96,40 @@ class ChunkAllocator:
     @property
     def num_used(self) -> int:
         """Slots handed out and not yet released."""
-        return self._fresh - len(self._free)
+        return self._fresh - len(self.free_slots)
 
-    def acquire(self, count_failure: bool = True) -> int:
-        """Pop a free slot, give it a new ticket and return its index; -1 if none is free.
+    def take_fresh(self, count_failure: bool = True) -> int:
+        """Hand out a never-used slot (call with ``lock`` held, after finding ``free_slots`` empty).
 
-        Reduces ``num_free`` by 1 on success; counts a failed allocation otherwise (unless
-        ``count_failure`` is False: a waiting caller counts once, when it gives up).
+        Returns the slot, or -1 when the pool is full (counted as a failed allocation unless
+        ``count_failure`` is False). The caller draws the ticket.
         """
-        # One function for both modes: a None check costs less than a second frame would.
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            free = self._free
-            if free:
-                slot = free.pop()
-            elif self._fresh < self.capacity:
-                slot = self._fresh
-                self._fresh = slot + 1
-            else:
-                if count_failure:
-                    self._failed += 1
-                return -1
-            ticket = self._ticket = self._ticket + 1
-            self.generation[slot] = ticket
+        if self._fresh < self.capacity:
+            slot = self._fresh
+            self._fresh = slot + 1
             return slot
-        finally:
-            if lock is not None:
-                lock.release()
-
-    def release(self, slot: int, generation: int) -> None:
-        """Give back a slot handed out with ``generation``; mark it free (generation ``-ticket``).
-
-        Raises:
-            DoubleFreeError: the slot was already released and is still free.
-            StaleHandleError: the slot was released and handed out again since (or the handle
-                was edited). Either way nothing changes.
-        """
-        lock = self.lock
-        if lock is not None:
-            lock.acquire()
-        try:
-            gens = self.generation
-            try:
-                live = gens[slot] == generation and slot >= 0  # -1 would alias the last slot
-            except (IndexError, TypeError):
-                live = False
-            if not live:
-                raise self._handle_error(slot, generation)
-            gens[slot] = -generation
-            self._free.append(slot)
-        finally:
-            if lock is not None:
-                lock.release()
+        if count_failure:
+            self._failed += 1
+        return -1
 
     def _locked(self) -> AbstractContextManager[Any]:
         return self.lock if self.lock is not None else nullcontext()
 
-    def acquire_many(self, count: int) -> tuple[list[int], int] | None:
+    def acquire_many(self, count: int, count_failure: bool = True) -> tuple[list[int], int] | None:
         """Take ``count`` slots at once, or none: all-or-nothing.
 
         Returns:
             ``(slots, first_ticket)``: slot ``slots[i]`` has generation ``first_ticket + i``; or None
-            (counted as ``count`` failed allocations) when fewer than ``count`` slots are free.
+            when fewer than ``count`` slots are free (counted as ``count`` failed allocations unless
+            ``count_failure`` is False: a waiting caller counts once, when it gives up).
         """
         if isinstance(count, bool) or not isinstance(count, int) or count < 0:
             raise ConfigError(f"count must be a non-negative int, got {count!r}")
         with self._locked():
-            free = self._free
+            free = self.free_slots
             if count > self.capacity - self._fresh + len(free):
-                self._failed += count
+                if count_failure:
+                    self._failed += count
                 return None
             take = min(count, len(free))
             slots = free[len(free) - take :]
@@ -172,15 +139,16 @@ class ChunkAllocator:
             if rest:
                 slots.extend(range(self._fresh, self._fresh + rest))
                 self._fresh += rest
-            first = self._ticket + 1
+            first = self.ticket + 1
             gens = self.generation
             for slot, ticket in zip(slots, range(first, first + count), strict=True):
                 gens[slot] = ticket
-            self._ticket = first + count - 1
+            self.ticket = first + count - 1
             return slots, first
 
     def release_many(self, slots: Sequence[int], generations: Sequence[int]) -> None:
-        """Release ``slots[i]`` handed out with ``generations[i]``; check all first, so an error frees none.
+        """Take back ``slots[i]`` handed out with ``generations[i]``; all are checked first, so an error
+        frees none.
 
         Raises:
             DoubleFreeError: a slot is named twice, or was already released.
@@ -200,7 +168,7 @@ class ChunkAllocator:
                 raise self._first_bad_handle(slots, generations)
             for slot, generation in zip(slots, generations, strict=True):
                 gens[slot] = -generation
-            self._free.extend(slots)
+            self.free_slots.extend(slots)
 
     def _first_bad_handle(
         self, slots: Sequence[int], generations: Sequence[int]
@@ -228,14 +196,14 @@ class ChunkAllocator:
     def stats(self, slot_bytes: int) -> PoolStats:
         """Return a consistent snapshot of the counters."""
         with self._locked():
-            used = self._fresh - len(self._free)
+            used = self._fresh - len(self.free_slots)
             return PoolStats(
                 total=self.capacity,
                 used=used,
                 free=self.capacity - used,
                 peak_used=self._fresh,
-                allocations=self._ticket,
-                frees=self._ticket - used,
+                allocations=self.ticket,
+                frees=self.ticket - used,
                 failed_allocations=self._failed,
                 slot_bytes=slot_bytes,
             )

@@ -170,13 +170,15 @@ class AllocatorModel(RuleBasedStateMachine):
         self.released: list[tuple[int, int]] = []
 
     @rule()
-    def acquire(self) -> None:
-        slot = self.allocator.acquire()
-        if slot < 0:
+    def acquire_one(self) -> None:
+        taken = self.allocator.acquire_many(1)
+        if taken is None:
             assert len(self.held) == 5
             return
+        (slot,), ticket = taken
         assert slot not in self.held
-        self.held[slot] = self.allocator.generation[slot]
+        assert self.allocator.generation[slot] == ticket
+        self.held[slot] = ticket
 
     @rule(count=st.integers(0, 6))
     def acquire_many(self, count: int) -> None:
@@ -203,15 +205,17 @@ class AllocatorModel(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         slot = data.draw(st.sampled_from(sorted(self.held)))
         generation = self.held.pop(slot)
-        self.allocator.release(slot, generation)
+        self.allocator.release_many([slot], [generation])
         self.released.append((slot, generation))
 
     @precondition(lambda self: bool(self.released))
     @rule(data=st.data())
     def release_again(self, data: st.DataObject) -> None:
         slot, generation = data.draw(st.sampled_from(self.released))
+        before = self.allocator.stats(1)
         with pytest.raises(InvalidHandleError):
-            self.allocator.release(slot, generation)
+            self.allocator.release_many([slot], [generation])
+        assert self.allocator.stats(1) == before
 
     @invariant()
     def counts(self) -> None:

@@ -6,7 +6,7 @@ import contextlib
 import operator
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import Any
 
@@ -31,6 +31,16 @@ from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
 
 def _closed(*_args: Any) -> Any:
     raise PoolClosedError("the pool was closed; create a new pool to allocate or free again")
+
+
+class _ClosedLock:
+    """Stands in for a closed pool's lock, so the hot path checks ``closed`` at no cost."""
+
+    def acquire(self) -> bool:
+        return bool(_closed())
+
+    def release(self) -> None:  # never reached: acquire raises
+        _closed()
 
 
 class LocalPool(BasePool):
@@ -103,9 +113,10 @@ class LocalPool(BasePool):
         #: Where the arena lives (``"cpu"``, ``"cuda:0"``).
         self.device: str = self._arena.device
         self._allocator = ChunkAllocator(self.max_chunk_num, thread_safe=thread_safe)
+        # The allocator's state, shared (same objects) for the single-slot hot path; see ChunkAllocator.
+        self._lock: Any = self._allocator.lock
+        self._free_slots = self._allocator.free_slots
         self._generation = self._allocator.generation
-        self._acquire: Callable[..., int] = self._allocator.acquire
-        self._release: Callable[[int, int], None] = self._allocator.release
         self._full_shape = self.layout.kv_shape
         self._view_shapes = [self.layout.view_shape(n) for n in range(self.chunk_size + 1)]
         # Views are made once per slot (full chunks) or kept per slot for the last partial length:
@@ -168,15 +179,30 @@ class LocalPool(BasePool):
             fast = False
         if not fast:
             num_tokens = self._tokens_of(kv_chunk)
-        slot = self._acquire()
-        if slot < 0:
-            return None
+        # Hand out a slot: the allocator's single-slot operation, inlined (see ChunkAllocator).
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()  # a closed pool's lock raises PoolClosedError here
+        try:
+            free_slots = self._free_slots
+            if free_slots:
+                slot = free_slots.pop()
+            else:
+                slot = self._allocator.take_fresh()
+                if slot < 0:
+                    return None
+            allocator = self._allocator
+            ticket = allocator.ticket = allocator.ticket + 1
+            self._generation[slot] = ticket
+        finally:
+            if lock is not None:
+                lock.release()
         if num_tokens == self.chunk_size:
             view = self._full_views[slot]
         else:
             cached = self._partial_views[slot]
             view = cached[1] if cached is not None and cached[0] == num_tokens else None
-        return KVObj(slot, self.size_per_chunk, view, num_tokens, self, self._generation[slot])
+        return KVObj(slot, self.size_per_chunk, view, num_tokens, self, ticket)
 
     def free(self, kv_obj: KVObj, *, wait_for: Any = None) -> None:
         """Give the slot of ``kv_obj`` back to the pool and increase the free count by 1.
@@ -191,17 +217,31 @@ class LocalPool(BasePool):
             DoubleFreeError, StaleHandleError, ForeignHandleError: the handle does not own a slot of
                 this pool; the pool is unchanged.
         """
-        if wait_for is None and kv_obj.__class__ is KVObj and kv_obj._pool is self:
-            self._release(kv_obj.chunk_idx, kv_obj._generation)  # checks the generation: O(1)
-            return
-        if not isinstance(kv_obj, KVObj):
-            raise ForeignHandleError(f"free() takes a KVObj, got {type(kv_obj).__name__}")
-        if kv_obj._pool is not self:
-            raise self._foreign(kv_obj)
-        if wait_for is not None:
+        if wait_for is not None or kv_obj.__class__ is not KVObj or kv_obj._pool is not self:
+            if not isinstance(kv_obj, KVObj):
+                raise ForeignHandleError(f"free() takes a KVObj, got {type(kv_obj).__name__}")
+            if kv_obj._pool is not self:
+                raise self._foreign(kv_obj)
             self._check_live(kv_obj)
             wait_until_ready(wait_for)
-        self._release(kv_obj.chunk_idx, kv_obj._generation)
+        # Take the slot back if the handle still owns it: the allocator's single-slot operation, inlined.
+        slot, generation = kv_obj.chunk_idx, kv_obj._generation
+        lock = self._lock
+        if lock is not None:
+            lock.acquire()  # a closed pool's lock raises PoolClosedError here
+        try:
+            generations = self._generation
+            try:
+                live = generations[slot] == generation and slot >= 0  # -1 would alias the last slot
+            except (IndexError, TypeError):
+                live = False
+            if not live:
+                raise self._allocator._handle_error(slot, generation)
+            generations[slot] = -generation
+            self._free_slots.append(slot)
+        finally:
+            if lock is not None:
+                lock.release()
 
     # -- beyond the seed ---------------------------------------------------------------------------
     def allocate_batch(self, kv_chunks: Sequence[Any]) -> KVBatch | None:
@@ -324,8 +364,7 @@ class LocalPool(BasePool):
         if self._closed:
             return
         self._closed = True
-        self._acquire = _closed
-        self._release = _closed
+        self._lock = _ClosedLock()
         self._full_views = [None] * self.max_chunk_num
         self._partial_views = [None] * self.max_chunk_num
         self._arena.close()
@@ -572,10 +611,9 @@ class LocalCPUBufferPool(LocalCPUPool):
         with self._slot_freed:
             while True:
                 self._check_open()
-                slot = allocator.acquire(count_failure=False)  # a wait that ends in a slot is no failure
-                if slot >= 0:
-                    view = self._full_views[slot] if num_tokens == self.chunk_size else None
-                    return KVObj(slot, self.size_per_chunk, view, num_tokens, self, self._generation[slot])
+                taken = allocator.acquire_many(1, count_failure=False)  # a wait that ends in a slot
+                if taken is not None:  # is no failure
+                    return self._handle(taken[0][0], num_tokens, taken[1])
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     allocator.count_failure()
