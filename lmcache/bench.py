@@ -287,22 +287,30 @@ def bench_batch(backend: str, opts: Options) -> list[Result]:
     chunk = _shape_only(backend, BATCH_SHAPE, opts.dtype)
     chunks = [chunk] * count
 
+    rounds = 16  # batches per trial: one batch is too short to time reliably
+
     def batch() -> float:
         start = time.perf_counter()
-        pool.free_batch(pool.allocate_batch(chunks))  # type: ignore[arg-type]
-        return (time.perf_counter() - start) / count
+        for _ in range(rounds):
+            pool.free_batch(pool.allocate_batch(chunks))
+        return (time.perf_counter() - start) / (rounds * count)
 
     def batch_touched() -> float:
         start = time.perf_counter()
-        objs = pool.allocate_batch(chunks)
-        for obj in objs:  # type: ignore[union-attr]  # builds every KVObj and reads its view
-            obj.data  # noqa: B018
-        pool.free_batch(objs)  # type: ignore[arg-type]
-        return (time.perf_counter() - start) / count
+        for _ in range(rounds):
+            objs = pool.allocate_batch(chunks)
+            for obj in objs:  # builds every KVObj and reads its view
+                obj.data  # noqa: B018
+            pool.free_batch(objs)
+        return (time.perf_counter() - start) / (rounds * count)
 
     best = _best(
-        {"batch": batch, "touched": batch_touched, "single": _cycle(pool, chunk, count, touch=False)},
-        opts.repeat * 3,
+        {
+            "batch": batch,
+            "touched": batch_touched,
+            "single": _cycle(pool, chunk, rounds * count, touch=False),
+        },
+        opts.repeat,
     )
     return [
         Result(
