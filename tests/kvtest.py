@@ -25,7 +25,10 @@ SMALL_SHAPE = (2, 2, 16, 2, 8)  # (L, 2, chunk_size, H, D): 1 KiB per token-row 
 
 
 def require(framework: str) -> Any:
-    """Import ``framework``; skip if it is not installed, fail if this session requires it."""
+    """Import ``framework``; skip if it is not installed, fail if this session requires it.
+
+    With :func:`require_gpu` and :func:`require_no_gpu`, the suite's only ways to skip.
+    """
     if framework == "numpy":
         return np
     if importlib.util.find_spec(framework) is None:
@@ -102,11 +105,23 @@ def small_pool(backend: str, dtype: str = "float16", slots: int = 8, **kwargs: A
     return LocalCPUPool(meta, backend=backend, **kwargs)
 
 
+def _sees_gpu(framework: str) -> bool:
+    from lmcache.registry import load_adapter
+
+    return framework != "numpy" and bool(load_adapter(framework).accelerators())
+
+
+def require_no_gpu(framework: str) -> Any:
+    """Import ``framework`` and skip if it sees a GPU (tests of the no-accelerator behaviour)."""
+    module = require(framework)
+    if _sees_gpu(framework):
+        pytest.skip(f"{framework} sees a GPU; tests/gpu covers this case")
+    return module
+
+
 def require_gpu(framework: str) -> Any:
     """Import ``framework`` and skip unless it sees a GPU (the GPU tests' only skip)."""
     module = require(framework)
-    from lmcache.registry import load_adapter
-
-    if not load_adapter(framework).accelerators():
+    if not _sees_gpu(framework):
         pytest.skip(f"{framework} sees no GPU")
     return module

@@ -78,15 +78,20 @@ def test_dlpack_protocol(backend: str, dtype: str) -> None:
             np.from_dlpack(obj)
     with pytest.raises(BufferError, match="device"):
         obj.__dlpack__(dl_device=(2, 0))
-    for framework, load in (("torch", "from_dlpack"), ("jax", "dlpack.from_dlpack")):
-        try:
-            module = require(framework)
-        except pytest.skip.Exception:
-            continue
-        importer = module.from_dlpack if framework == "torch" else module.dlpack.from_dlpack
-        imported = importer(obj)
-        assert pointer(imported) == address, load
-        assert same_bits(imported, content)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("consumer", ["torch", "jax"])
+def test_dlpack_consumers_import_without_copy(backend: str, consumer: str, dtype: str) -> None:
+    module = require(consumer)
+    pool = small_pool(backend, dtype=dtype, slots=1)
+    content = random_bits((2, 2, 3, 2, 8), dtype, seed=4)
+    obj = pool.put(to_native(content, backend))
+    assert obj is not None
+    importer = module.from_dlpack if consumer == "torch" else module.dlpack.from_dlpack
+    imported = importer(obj)
+    assert pointer(imported) == pool.slot_address(obj.chunk_idx)
+    assert same_bits(imported, content)
 
 
 def test_attention_end_to_end_torch_to_jax_and_back() -> None:

@@ -8,7 +8,16 @@ import ml_dtypes
 import numpy as np
 import pytest
 
-from kvtest import kv_dtype_for, pointer, random_bits, require, same_bits, small_pool, to_native
+from kvtest import (
+    kv_dtype_for,
+    pointer,
+    random_bits,
+    require,
+    require_no_gpu,
+    same_bits,
+    small_pool,
+    to_native,
+)
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import DoubleFreeError, PoolClosedError
 from lmcache.storage_backend.mem_pool import (
@@ -188,13 +197,7 @@ def test_close_keeps_views_valid_and_refuses_calls(backend: str) -> None:
 def test_gpu_pool_without_accelerator_raises(backend: str) -> None:
     from lmcache.errors import ConfigError, DeviceUnavailableError
 
-    adapter_sees_gpu = False
-    if backend != "numpy":
-        from lmcache.registry import load_adapter
-
-        adapter_sees_gpu = bool(load_adapter(backend).accelerators())
-    if adapter_sees_gpu:
-        pytest.skip("an accelerator is present; tests/gpu covers GPU pools")
+    require_no_gpu(backend)
     meta = LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "float16", 0.001)
     with pytest.raises(
         ConfigError if backend == "numpy" else DeviceUnavailableError, match=r"GPU|host memory"

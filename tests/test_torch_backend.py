@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from kvtest import pointer, random_bits, require, same_bits, small_pool, to_native
+from kvtest import pointer, random_bits, require, require_no_gpu, same_bits, small_pool, to_native
 
 
 @pytest.fixture
@@ -39,11 +39,10 @@ def test_arena_is_one_tensor(torch) -> None:  # type: ignore[no-untyped-def]
     assert torch.equal(row, obj.data)
 
 
-def test_pinning_needs_cuda(torch) -> None:  # type: ignore[no-untyped-def]
+def test_pinning_needs_cuda() -> None:
     from lmcache.errors import DeviceUnavailableError
 
-    if torch.cuda.is_available():
-        pytest.skip("CUDA is present; tests/gpu covers pinning")
+    require_no_gpu("torch")
     assert not small_pool("torch").pinned  # default: no accelerator, no pinning
     with pytest.raises(DeviceUnavailableError, match="pin_memory=True needs a CUDA device"):
         small_pool("torch", pin_memory=True)
