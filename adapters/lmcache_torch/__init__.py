@@ -52,7 +52,7 @@ class _Views:
             shape = self._layout.view_shape(num_tokens)
             strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
             geometry = self._strides[num_tokens] = (shape, strides)
-        # One as_strided call is ~3x cheaper than slicing then reshaping.
+        # One as_strided call: slicing a row and then reshaping costs two tensor constructions.
         return torch.as_strided(self._whole, geometry[0], geometry[1], slot * self._slot_elems)
 
 
