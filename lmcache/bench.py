@@ -74,13 +74,13 @@ class Options:
 
 
 # -- helpers -----------------------------------------------------------------------------------------
+@dataclass
 class _NaiveKVObj:
-    """LMCache v0's KVObj (a plain dataclass there)."""
+    """LMCache v0's KVObj, as it is there: a plain dataclass."""
 
-    def __init__(self, chunk_idx: int, size: int, data: Any) -> None:
-        self.chunk_idx = chunk_idx
-        self.size = size
-        self.data = data
+    chunk_idx: int
+    size: int
+    data: Any
 
 
 class NaivePool:
