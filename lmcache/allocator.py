@@ -98,18 +98,17 @@ class ChunkAllocator:
         """Slots handed out and not yet released."""
         return self._fresh - len(self.free_slots)
 
-    def take_fresh(self, count_failure: bool = True) -> int:
+    def take_fresh(self) -> int:
         """Hand out a never-used slot (call with ``lock`` held, after finding ``free_slots`` empty).
 
-        Returns the slot, or -1 when the pool is full (counted as a failed allocation unless
-        ``count_failure`` is False). The caller draws the ticket.
+        Returns the slot, or -1 (counted as a failed allocation) when the pool is full. The caller
+        draws the ticket.
         """
         if self._fresh < self.capacity:
             slot = self._fresh
             self._fresh = slot + 1
             return slot
-        if count_failure:
-            self._failed += 1
+        self._failed += 1
         return -1
 
     def _locked(self) -> AbstractContextManager[Any]:

@@ -21,7 +21,6 @@ from lmcache.errors import (
     ChunkTypeError,
     ConfigError,
     ForeignHandleError,
-    InvalidHandleError,
     PoolClosedError,
 )
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
@@ -224,7 +223,8 @@ class LocalPool(BasePool):
             if kv_obj._pool is not self:
                 raise self._foreign(kv_obj)
             self._check_live(kv_obj)
-            wait_until_ready(wait_for)
+            if wait_for is not None:
+                wait_until_ready(wait_for)
         # Take the slot back if the handle still owns it: the allocator's single-slot operation, inlined.
         slot, generation = kv_obj.chunk_idx, kv_obj._generation
         lock = self._lock
@@ -442,13 +442,7 @@ class LocalPool(BasePool):
         )
 
     def _is_live(self, kv_obj: KVObj) -> bool:
-        slot = kv_obj.chunk_idx
-        return (
-            not self._closed
-            and isinstance(slot, int)
-            and 0 <= slot < self.max_chunk_num
-            and self._generation[slot] == kv_obj._generation
-        )
+        return not self._closed and self._allocator.is_live(kv_obj.chunk_idx, kv_obj._generation)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -466,10 +460,7 @@ class LocalPool(BasePool):
             return
         self._check_open()
         if not self._is_live(kv_obj):
-            slot = kv_obj.chunk_idx
-            if isinstance(slot, int) and 0 <= slot < self.max_chunk_num:
-                raise self._allocator._handle_error(slot, kv_obj._generation)
-            raise InvalidHandleError(f"KVObj has chunk_idx {slot!r}, outside this pool")
+            raise self._allocator._handle_error(slot, kv_obj._generation)
 
     def _native_view(self, kv_obj: KVObj) -> Any:
         slot, num_tokens = kv_obj.chunk_idx, kv_obj.num_tokens
