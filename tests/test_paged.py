@@ -1,0 +1,417 @@
+"""Paged transfer kernels: bytes exact against a naive numpy reference, for every layout and framework.
+
+Caches are filled with random bytes (NaNs with any payload included), so a kernel that routes bytes
+through float arithmetic fails. Every test compares the whole cache after a scatter, so a write outside
+the request's token positions fails too.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvtest import require
+from lmcache.dtypes import KV_DTYPES
+from lmcache.errors import BackendUnavailableError, ChunkShapeError, ChunkTypeError, ConfigError
+from lmcache.paged import PagedSpec, block_table, describe, kernels, row_index, row_tokens
+
+FRAMEWORK_LAYOUTS = [("torch", "vllm"), ("torch", "stacked"), ("jax", "stacked"), ("jax", "interleaved")]
+
+
+# -- a paged cache and its naive reference -----------------------------------------------------------
+class Paged:
+    """A paged cache in one framework and layout, with its bytes mirrored in numpy for reference."""
+
+    def __init__(
+        self,
+        framework: str,
+        layout: str,
+        geometry: tuple[int, int, int, int, int, int],
+        dtype: str = "bfloat16",
+        seed: int = 0,
+    ) -> None:
+        L, kv, B, S, H, D = geometry
+        self.framework, self.layout, self.geometry = framework, layout, geometry
+        self.spec_dtype = KV_DTYPES[dtype]
+        rng = np.random.default_rng(seed)
+        bits = self.spec_dtype.bits_dtype
+        if layout == "vllm":
+            shapes = [(kv, B, S, H, D)] * L
+        elif layout == "interleaved":
+            shapes = [(B, S, 2 * H, D)] * L
+        else:
+            shapes = [(L, kv, B, S, H, D)]
+        # Random bytes: every bit pattern, NaNs with payloads included.
+        self.ref = [
+            rng.integers(0, 256, size=(*s, bits.itemsize), dtype=np.uint8).view(bits)[..., 0] for s in shapes
+        ]
+        native = [self._native(r) for r in self.ref]
+        self.caches: Any = native[0] if layout == "stacked" else native
+
+    def _native(self, bits: np.ndarray) -> Any:
+        if self.framework == "torch":
+            torch = require("torch")
+            return torch.from_numpy(bits.copy()).view(getattr(torch, self.spec_dtype.name))
+        return require("jax").numpy.asarray(bits.view(self.spec_dtype.numpy_dtype))
+
+    def current(self) -> list[np.ndarray]:
+        """The cache's bytes now, as unsigned ints, in the reference's structure."""
+        layers = [self.caches] if self.layout == "stacked" else list(self.caches)
+        return [host_bits(x) for x in layers]
+
+    def ref_gather(self, table: np.ndarray, start: int, count: int) -> np.ndarray:
+        """Tokens ``start..start+count-1`` as ``(L, K, n, H, D)`` bits, one token at a time."""
+        S = self.geometry[3]
+        H = self.geometry[4]
+        tokens = []
+        for t in range(start, start + count):
+            block, offset = int(table[t // S]), t % S
+            if self.layout == "stacked":
+                tokens.append(self.ref[0][:, :, block, offset])
+            elif self.layout == "vllm":
+                tokens.append(np.stack([layer[:, block, offset] for layer in self.ref]))
+            else:
+                tokens.append(
+                    np.stack(
+                        [layer[block, offset].reshape(H, 2, -1).transpose(1, 0, 2) for layer in self.ref]
+                    )
+                )
+        return np.stack(tokens, axis=2)
+
+    def ref_scatter(self, table: np.ndarray, start: int, src: np.ndarray) -> None:
+        """Write ``src`` (``(L, K, n, H, D)`` bits) into the reference, one token at a time."""
+        S = self.geometry[3]
+        for j in range(src.shape[2]):
+            t = start + j
+            block, offset = int(table[t // S]), t % S
+            if self.layout == "stacked":
+                self.ref[0][:, :, block, offset] = src[:, :, j]
+            elif self.layout == "vllm":
+                for layer, part in zip(self.ref, src, strict=True):
+                    layer[:, block, offset] = part[:, j]
+            else:
+                for layer, part in zip(self.ref, src, strict=True):
+                    layer[block, offset] = part[:, j].transpose(1, 0, 2).reshape(layer.shape[2], -1)
+
+    # -- the kernels, as the chunk cache calls them ---------------------------------------------------
+    def gather(self, table: np.ndarray, start: int, count: int, bucket: int = 1) -> np.ndarray:
+        spec = describe(self.caches, self.layout)
+        module = kernels(self.framework)
+        if self.framework == "torch":
+            torch = require("torch")
+            dst = torch.empty(spec.chunk_shape(count), dtype=getattr(torch, self.spec_dtype.name))
+            module.gather_into(self.caches, spec, table, start, dst)
+            return host_bits(dst)
+        out = module.gather(self.caches, spec, table, start, count, bucket=bucket)
+        assert out.shape[2] % bucket == 0
+        assert out.shape[2] >= count
+        return host_bits(out)[:, :, :count]
+
+    def scatter(self, table: np.ndarray, start: int, src_bits: np.ndarray, pad: int = 0) -> None:
+        spec = describe(self.caches, self.layout)
+        module = kernels(self.framework)
+        count = src_bits.shape[2]
+        if self.framework == "torch":
+            module.scatter_from(self.caches, spec, table, start, self._native(src_bits))
+        else:
+            padded = np.concatenate([src_bits, np.zeros_like(src_bits[:, :, :pad])], axis=2)
+            self.caches = module.scatter(self.caches, spec, table, start, self._native(padded), count)
+        self.ref_scatter(table, start, src_bits)
+
+
+def host_bits(array: Any) -> np.ndarray:
+    """An array's bytes as unsigned ints of its element size (torch via a bit view, JAX via numpy)."""
+    if type(array).__module__.startswith("torch"):
+        torch = require("torch")
+        unsigned = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[array.element_size()]
+        bits = array.detach().cpu().contiguous().view(unsigned).numpy()
+        return bits.view(f"u{array.element_size()}")
+    host = np.asarray(array)
+    return host.view(f"u{host.dtype.itemsize}")
+
+
+def random_src(paged: Paged, count: int, seed: int) -> np.ndarray:
+    L, kv, _, _, H, D = paged.geometry
+    bits = paged.spec_dtype.bits_dtype
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, size=(L, kv, count, H, D, bits.itemsize), dtype=np.uint8).view(bits)[..., 0]
+
+
+def assert_same(paged: Paged) -> None:
+    for got, want in zip(paged.current(), paged.ref, strict=True):
+        assert got.shape == want.shape
+        assert np.array_equal(got, want), "the paged cache differs from the reference"
+
+
+@pytest.fixture(params=FRAMEWORK_LAYOUTS, ids=lambda p: f"{p[0]}-{p[1]}")
+def framework_layout(request: pytest.FixtureRequest) -> tuple[str, str]:
+    require(request.param[0])
+    return request.param  # type: ignore[no-any-return]
+
+
+# -- the arithmetic (numpy only) ---------------------------------------------------------------------
+def fake_spec(num_blocks: int = 10, block_size: int = 4) -> PagedSpec:
+    return PagedSpec("stacked", "torch", 2, 2, num_blocks, block_size, 2, 8, KV_DTYPES["float16"])
+
+
+@pytest.mark.parametrize(
+    ("block_size", "start", "count", "g"),
+    [(16, 0, 256, 16), (16, 256, 100, 4), (16, 8, 16, 8), (3, 0, 9, 3), (3, 1, 5, 1), (4, 0, 0, 4)],
+)
+def test_row_tokens(block_size: int, start: int, count: int, g: int) -> None:
+    assert row_tokens(block_size, start, count) == g
+
+
+def test_row_index_matches_per_token_arithmetic() -> None:
+    table = np.array([7, 2, 9, 0, 5], np.int64)
+    S = 4
+    for start, count in [(0, 20), (4, 8), (2, 6), (3, 17)]:
+        g = row_tokens(S, start, count)
+        rows = row_index(table, S, start, count, g)
+        flat = [int(table[t // S]) * S + t % S for t in range(start, start + count)]
+        # Row r covers flat positions rows[r]*g .. rows[r]*g+g-1: exactly the request's tokens in order.
+        assert [int(r) * g + i for r in rows for i in range(g)] == flat
+
+
+def test_block_table_takes_sequences_and_arrays() -> None:
+    spec = fake_spec()
+    for ids in ([3, 1, 4], (3, 1, 4), np.array([3, 1, 4], np.int32), np.array([3, 1, 4, 4, 99], np.uint64)):
+        table = block_table(ids, 9, spec)  # 9 tokens in blocks of 4: 3 ids used, the rest ignored
+        assert table.dtype == np.int64
+        assert table.tolist() == [3, 1, 4]
+    assert block_table([], 0, spec).tolist() == []
+
+
+@pytest.mark.parametrize(
+    ("ids", "tokens", "error", "match"),
+    [
+        ([1, 2], 9, ChunkShapeError, "need 3 block ids, got 2"),
+        ([1, 10, 2], 9, ChunkShapeError, "block id 10 is out of range"),
+        ([1, -1, 2], 9, ChunkShapeError, "block id -1 is out of range"),
+        ([1, 2, 1], 9, ChunkShapeError, "block id 1 appears twice"),
+        ([1.0, 2.0, 3.0], 9, ChunkTypeError, "must be integers"),
+        ([[1, 2, 3]], 9, ChunkTypeError, "must be 1-D"),
+        ("123", 9, ChunkTypeError, "1-D sequence of integers"),
+        (3, 9, ChunkTypeError, "1-D sequence of integers"),
+        (None, 9, ChunkTypeError, "1-D sequence of integers"),
+        ([True, False, True], 9, ChunkTypeError, "must be integers"),
+    ],
+)
+def test_block_table_errors(ids: Any, tokens: int, error: type[Exception], match: str) -> None:
+    with pytest.raises(error, match=match):
+        block_table(ids, tokens, fake_spec())
+
+
+def test_duplicates_past_the_used_part_are_ignored() -> None:
+    assert block_table([5, 6, 6, 6], 8, fake_spec()).tolist() == [5, 6]
+
+
+def test_unknown_layout_and_wrong_containers() -> None:
+    with pytest.raises(ConfigError, match="unknown paged layout 'paged'"):
+        describe([], "paged")
+    with pytest.raises(ChunkTypeError, match="one torch or JAX array"):
+        describe(np.zeros((2, 2, 4, 4, 2, 8)), "stacked")
+    with pytest.raises(ChunkTypeError, match="non-empty list"):
+        describe([], "vllm")
+    with pytest.raises(ChunkTypeError, match="must be a torch array"):
+        describe([np.zeros((2, 4, 4, 2, 8))], "vllm")
+
+
+def test_missing_framework_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import lmcache.paged as paged
+
+    monkeypatch.setitem(paged.KERNEL_MODULES, "torch", "lmcache_torch.no_such_module")
+    with pytest.raises(BackendUnavailableError, match=r"lmcache-mempool\[torch\]"):
+        kernels("torch")
+
+
+def test_core_module_imports_no_framework() -> None:
+    code = (
+        "import sys, numpy as np\n"
+        "import lmcache.paged as paged\n"
+        "spec = paged.PagedSpec('vllm', 'torch', 1, 2, 4, 2, 1, 8, paged.normalize_dtype('float16'))\n"
+        "assert paged.block_table(np.array([3, 0]), 3, spec).tolist() == [3, 0]\n"
+        "sys.exit(1 if {'torch', 'jax', 'jaxlib'} & set(sys.modules) else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- shapes the kernels accept -----------------------------------------------------------------------
+def test_torch_describe_and_shape_errors() -> None:
+    torch = require("torch")
+    layers = [torch.zeros(2, 6, 4, 2, 8, dtype=torch.bfloat16) for _ in range(3)]
+    spec = describe(layers, "vllm")
+    assert (
+        spec.num_layers,
+        spec.kv,
+        spec.num_blocks,
+        spec.block_size,
+        spec.num_kv_heads,
+        spec.head_size,
+    ) == (3, 2, 6, 4, 2, 8)
+    assert spec.dtype.name == "bfloat16"
+    assert describe(torch.zeros(3, 1, 6, 4, 2, 8), "stacked").kv == 1  # MLA
+    with pytest.raises(ChunkShapeError, match="layer 1 of the paged cache has shape"):
+        describe([layers[0], torch.zeros(2, 7, 4, 2, 8, dtype=torch.bfloat16)], "vllm")
+    with pytest.raises(ChunkShapeError, match="layer 1 of the paged cache has dtype"):
+        describe([layers[0], torch.zeros(2, 6, 4, 2, 8, dtype=torch.float16)], "vllm")
+    with pytest.raises(ChunkShapeError, match="not contiguous"):
+        describe([torch.zeros(8, 2, 4, 6, 2).permute(1, 0, 2, 4, 3)], "vllm")
+    with pytest.raises(ChunkShapeError, match=r"\(2 or 1, num_blocks"):
+        describe([torch.zeros(3, 6, 4, 2, 8)], "vllm")
+    with pytest.raises(ChunkShapeError, match="'stacked' paged cache has shape"):
+        describe(torch.zeros(3, 2, 6, 4, 2), "stacked")
+    with pytest.raises(ChunkTypeError, match="must be a jax array"):
+        describe(layers, "interleaved")
+
+
+def test_jax_describe_and_shape_errors() -> None:
+    jnp = require("jax").numpy
+    spec = describe([jnp.zeros((6, 4, 4, 8), jnp.bfloat16)] * 2, "interleaved")
+    assert (
+        spec.num_layers,
+        spec.kv,
+        spec.num_blocks,
+        spec.block_size,
+        spec.num_kv_heads,
+        spec.head_size,
+    ) == (2, 2, 6, 4, 2, 8)
+    with pytest.raises(ChunkShapeError, match="interleaved on the head axis"):
+        describe([jnp.zeros((6, 4, 3, 8))], "interleaved")
+    with pytest.raises(ChunkTypeError, match="layout 'vllm' takes a non-empty list of per-layer torch"):
+        describe(jnp.zeros((6, 4, 4, 8)), "vllm")
+
+
+def test_check_fits_names_the_dimension() -> None:
+    from lmcache.config import LMCacheMemPoolMetadata
+    from lmcache.layout import SlotLayout
+
+    spec = fake_spec()
+    layout = SlotLayout.from_metadata(LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "float16", 0.01))
+    spec.check_fits(layout)
+    with pytest.raises(ChunkShapeError, match="num_kv_heads = 2 but the pool's chunks have 4"):
+        spec.check_fits(SlotLayout.from_metadata(LMCacheMemPoolMetadata((2, 2, 16, 4, 8), "float16", 0.01)))
+    with pytest.raises(ChunkShapeError, match="dtype float16 but the pool holds bfloat16"):
+        spec.check_fits(SlotLayout.from_metadata(LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "bfloat16", 0.01)))
+
+
+def test_torch_kernel_rejects_a_wrong_chunk() -> None:
+    torch = require("torch")
+    paged = Paged("torch", "vllm", (2, 2, 6, 4, 2, 8), "float16")
+    spec = describe(paged.caches, "vllm")
+    table = block_table([0, 1], 8, spec)
+    module = kernels("torch")
+    with pytest.raises(ChunkShapeError, match="has shape"):
+        module.gather_into(paged.caches, spec, table, 0, torch.empty(2, 2, 8, 2, 4, dtype=torch.float16))
+    with pytest.raises(ChunkShapeError, match="has dtype"):
+        module.scatter_from(paged.caches, spec, table, 0, torch.zeros(2, 2, 8, 2, 8))
+    with pytest.raises(ChunkShapeError, match="contiguous"):
+        module.gather_into(
+            paged.caches, spec, table, 0, torch.empty(2, 2, 2, 8, 8, dtype=torch.float16).transpose(2, 3)
+        )
+    assert_same(paged)
+
+
+def test_jax_kernel_rejects_a_wrong_source() -> None:
+    jnp = require("jax").numpy
+    paged = Paged("jax", "stacked", (2, 2, 6, 4, 2, 8), "float16")
+    spec = describe(paged.caches, "stacked")
+    table = block_table([0, 1], 8, spec)
+    module = kernels("jax")
+    with pytest.raises(ChunkShapeError, match="or longer in dim 2"):
+        module.scatter(paged.caches, spec, table, 0, jnp.zeros((2, 2, 4, 2, 8), jnp.float16), 8)
+    with pytest.raises(ChunkShapeError, match="has dtype"):
+        module.scatter(paged.caches, spec, table, 0, jnp.zeros((2, 2, 8, 2, 8), jnp.float32), 8)
+    assert_same(paged)
+
+
+# -- bytes exact, both ways --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("geometry", "ranges"),
+    [
+        ((2, 2, 12, 4, 2, 8), [(0, 16), (16, 16), (32, 5)]),  # block-aligned chunks, partial last one
+        ((2, 2, 12, 4, 2, 8), [(0, 6), (6, 6), (12, 6), (18, 3)]),  # chunk 6, block 4: neither divides
+        ((3, 1, 9, 3, 1, 16), [(0, 8), (8, 8), (16, 4)]),  # MLA, chunk 8, block 3
+        ((1, 2, 5, 16, 2, 8), [(0, 4), (4, 4), (8, 4), (12, 3)]),  # blocks bigger than chunks
+    ],
+)
+def test_round_trip_bytes_exact(
+    framework_layout: tuple[str, str],
+    geometry: tuple[int, int, int, int, int, int],
+    ranges: list[tuple[int, int]],
+) -> None:
+    framework, layout = framework_layout
+    if layout == "interleaved" and geometry[1] == 1:
+        geometry = (geometry[0], 2, *geometry[2:])  # the interleaved layout has no MLA form
+    paged = Paged(framework, layout, geometry)
+    total = ranges[-1][0] + ranges[-1][1]
+    ids = np.random.default_rng(1).permutation(geometry[2])
+    table = block_table(ids, total, describe(paged.caches, layout))
+    for start, count in ranges:  # gather each chunk range (a store)
+        assert np.array_equal(paged.gather(table, start, count), paged.ref_gather(table, start, count))
+    for i, (start, count) in enumerate(ranges):  # scatter each chunk (a load), then compare everything
+        paged.scatter(table, start, random_src(paged, count, seed=10 + i))
+    assert_same(paged)
+    for start, count in ranges:
+        assert np.array_equal(paged.gather(table, start, count), paged.ref_gather(table, start, count))
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float8_e4m3fn", "int8", "uint8"])
+def test_every_dtype(framework_layout: tuple[str, str], dtype: str) -> None:
+    framework, layout = framework_layout
+    paged = Paged(framework, layout, (2, 2, 6, 4, 1, 3), dtype)  # 3-element tokens: odd row widths
+    table = block_table([4, 0, 5, 2], 13, describe(paged.caches, layout))
+    assert np.array_equal(paged.gather(table, 0, 13), paged.ref_gather(table, 0, 13))
+    paged.scatter(table, 0, random_src(paged, 13, seed=3))
+    paged.scatter(table, 3, random_src(paged, 7, seed=4))
+    assert_same(paged)
+
+
+def test_jax_buckets_share_programs_and_write_only_count_tokens() -> None:
+    require("jax")
+    paged = Paged("jax", "stacked", (2, 2, 10, 4, 2, 8))
+    table = block_table(np.arange(10)[::-1], 37, describe(paged.caches, "stacked"))
+    for start, count in [(0, 16), (16, 16), (32, 5)]:
+        assert np.array_equal(
+            paged.gather(table, start, count, bucket=16), paged.ref_gather(table, start, count)
+        )
+        paged.scatter(table, start, random_src(paged, count, seed=count), pad=16 - count)
+    assert_same(paged)
+
+
+def test_jax_scatter_donates_the_cache() -> None:
+    jax = require("jax")
+    paged = Paged("jax", "interleaved", (2, 2, 4, 4, 2, 8))
+    before = list(paged.caches)
+    table = block_table([1, 3], 8, describe(before, "interleaved"))
+    paged.scatter(table, 0, random_src(paged, 8, seed=0))
+    assert all(isinstance(x, jax.Array) for x in paged.caches)
+    assert all(x.is_deleted() for x in before)
+    assert_same(paged)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_random_block_tables(framework_layout: tuple[str, str], data: st.DataObject) -> None:
+    framework, layout = framework_layout
+    # Few distinct sizes: each JAX program compiles once per shape, and the tables are what varies.
+    block_size = data.draw(st.sampled_from([1, 3, 4]), label="block_size")
+    chunk = data.draw(st.sampled_from([4, 5]), label="chunk_size")
+    tokens = data.draw(st.integers(1, 30), label="tokens")
+    num_blocks = 32
+    ids = data.draw(st.permutations(range(num_blocks)), label="block_ids")
+    paged = Paged(framework, layout, (2, 2, num_blocks, block_size, 1, 4), "float16", seed=tokens)
+    table = block_table(ids, tokens, describe(paged.caches, layout))
+    for start in range(0, tokens, chunk):
+        count = min(chunk, tokens - start)
+        gathered = paged.gather(table, start, count, bucket=chunk if framework == "jax" else 1)
+        assert np.array_equal(gathered, paged.ref_gather(table, start, count))
+        paged.scatter(table, start, random_src(paged, count, seed=start), pad=chunk - count)
+    assert_same(paged)
