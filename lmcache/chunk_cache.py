@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -35,6 +35,7 @@ import numpy as np
 
 from lmcache.arena import check_array, framework_of, host_array_of
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
+from lmcache.paged import PagedRequest
 from lmcache.registry import load_adapter
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache.storage_backend.mem_pool.local_pool import LocalPool
@@ -357,6 +358,75 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         source = self._check_kv(kv, len(ids))
+
+        def copy_chunk(obj: KVObj, start: int, num_tokens: int) -> None:
+            self._copy_in(obj, source[:, :, start : start + num_tokens])
+
+        return self._store(ids, copy_chunk)
+
+    def store_paged(self, tokens: Any, kv_caches: Any, block_ids: Any, *, layout: str) -> int:
+        """Store the KV of ``tokens`` from a paged KV cache; the same semantics and result as :meth:`store`.
+
+        Token ``t`` is read from block ``block_ids[t // block_size]``, offset ``t % block_size``; each
+        missing chunk is gathered straight into its slot (torch: one ``index_select`` per chunk, or per
+        chunk and layer for ``"vllm"``; JAX: one jitted gather for all missing tokens). See
+        :mod:`lmcache.paged` for the layouts.
+
+        Args:
+            tokens: the prompt's token ids.
+            kv_caches: the paged cache: a list of per-layer tensors ``(2, B, S, H, D)`` (``"vllm"``), one
+                torch or JAX array ``(L, 2, B, S, H, D)`` (``"stacked"``), or a list of per-layer JAX
+                arrays ``(B, S, 2 * H, D)`` (``"interleaved"``); ``1`` in place of ``2`` for MLA.
+            block_ids: the request's block ids, at least ``ceil(len(tokens) / S)`` of them (more are
+                ignored), distinct and in ``0..B-1``, in any order.
+            layout: ``"vllm"``, ``"stacked"`` or ``"interleaved"``.
+
+        Raises:
+            TokensTypeError, TokensValueError: bad tokens.
+            ConfigError: an unknown layout.
+            ChunkTypeError, ChunkShapeError: the cache does not fit the layout or the pool, or the block
+                table breaks a rule. Nothing is read or stored when any of these is raised.
+        """
+        ids = token_ids(tokens)
+        request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
+        request.check_table(len(ids))
+        total = len(ids)
+        return self._store(ids, lambda obj, start, count: request.gather_into_slot(obj, start, count, total))
+
+    def load_paged(self, tokens: Any, kv_caches: Any, block_ids: Any, *, layout: str) -> Any:
+        """Copy the longest cached prefix of ``tokens`` into the request's blocks of a paged KV cache.
+
+        Only the positions of the ``n`` loaded tokens are written: the rest of the last block and every
+        other block keep their bytes. Arguments as :meth:`store_paged`; the block table needs only
+        ``ceil(n / block_size)`` ids.
+
+        Returns:
+            torch: ``n``, the tokens loaded (the cache is written in place). JAX: ``(new_kv_caches, n)``;
+            the scatter donates the arrays passed in, so use the returned ones (on a miss, ``n == 0`` and
+            ``kv_caches`` itself is returned).
+
+        Raises:
+            TokensTypeError, TokensValueError: bad tokens.
+            ConfigError, ChunkTypeError, ChunkShapeError: as :meth:`store_paged`, raised before anything is
+                read or written, with the cache and its statistics unchanged.
+        """
+        ids = token_ids(tokens)
+        request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
+        chain = self._pin_prefix(ids, None, lease=False, check=request.check_table)
+        try:
+            num_tokens = sum(entry.num_tokens for entry in chain)
+            if not chain:
+                return 0 if request.spec.framework == "torch" else (kv_caches, 0)
+            result = request.scatter_chunks(
+                [(start, entry.obj) for start, entry in self._spans(chain)], num_tokens
+            )
+        finally:
+            with self._lock:
+                self._unpin(chain)
+        return result if request.spec.framework == "torch" else (result, num_tokens)
+
+    def _store(self, ids: np.ndarray, copy_chunk: Callable[[KVObj, int, int], None]) -> int:
+        """The store algorithm: ``copy_chunk(obj, start, num_tokens)`` fills each missing chunk's slot."""
         keys = list(self._iter_keys(ids))
         chunk_size, total = self._chunk_size, len(ids)
         chain: list[_Entry] = []
@@ -375,7 +445,7 @@ class ChunkCache:
                 if obj is None:
                     break  # nothing left to evict
                 try:
-                    self._copy_in(obj, source[:, :, start : start + num_tokens])
+                    copy_chunk(obj, start, num_tokens)
                 except BaseException:
                     with lock:
                         self.pool.free(obj)
@@ -482,8 +552,11 @@ class ChunkCache:
         """
         return Lease(self, self._pin_prefix(token_ids(tokens), None, lease=True))
 
-    def _pin_prefix(self, ids: np.ndarray, limit: int | None, *, lease: bool) -> list[_Entry]:
-        """Pin (and count) the longest cached prefix of ``ids``; raise if it is longer than ``limit``."""
+    def _pin_prefix(
+        self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
+    ) -> list[_Entry]:
+        """Pin (and count) the longest cached prefix of ``ids``; raise if it is longer than ``limit`` or
+        ``check(num_tokens)`` raises (both before anything is pinned or counted)."""
         candidates = self._cached_keys(ids)
         chain: list[_Entry] = []
         with self._lock:
@@ -499,6 +572,8 @@ class ChunkCache:
                     f"out holds {limit} tokens (dim 2) but {num_tokens} cached tokens match; pass an out "
                     f"with at least {num_tokens} tokens"
                 )
+            if check is not None:
+                check(num_tokens)
             for entry in chain:
                 self._pin(entry)
                 if lease:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import importlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -318,9 +319,103 @@ def check_range(spec: PagedSpec, start: int, count: int, table: np.ndarray) -> N
         )
 
 
+class PagedRequest:
+    """One request's paged cache and block table, checked against a pool; copies chunks to and from slots.
+
+    :class:`~lmcache.chunk_cache.ChunkCache` drives it: ``store_paged`` asks :meth:`gather_into_slot` for
+    each missing chunk, ``load_paged`` hands :meth:`scatter_chunks` the cached prefix's slots. The cache
+    keeps its own slot handling (eviction, pins, visibility); this class only knows where tokens are.
+
+    Args:
+        kv_caches: the paged cache, in ``layout``.
+        block_ids: the request's block table (checked by :meth:`check_table`).
+        layout: one of :data:`LAYOUTS`.
+        pool_layout: the pool's slot layout; the cache's ``(L, K, H, D)`` and dtype must match it.
+        host: whether the pool's slots are in host memory (numpy copies) or on a device.
+
+    Raises:
+        ConfigError, ChunkTypeError, ChunkShapeError: as :func:`describe` and :meth:`PagedSpec.check_fits`.
+        BackendUnavailableError: the cache's framework adapter cannot be imported.
+    """
+
+    def __init__(
+        self, kv_caches: Any, block_ids: Any, layout: str, pool_layout: SlotLayout, *, host: bool
+    ) -> None:
+        self.spec = describe(kv_caches, layout)
+        self.spec.check_fits(pool_layout)
+        self.kv_caches = kv_caches
+        self.block_ids = block_ids
+        self.host = host
+        self.chunk_size = pool_layout.chunk_size
+        self.table = np.zeros(0, np.int64)
+        self._kernels = kernels(self.spec.framework)
+        self._gathered: Any = None  # JAX: tokens [_origin, ...) gathered by one call
+        self._origin = 0
+
+    def check_table(self, num_tokens: int) -> None:
+        """Check the block table for the first ``num_tokens`` tokens and keep the ids in use.
+
+        Raises:
+            ChunkTypeError, ChunkShapeError: as :func:`block_table`.
+        """
+        self.table = block_table(self.block_ids, num_tokens, self.spec)
+
+    def gather_into_slot(self, obj: Any, start: int, count: int, total: int) -> None:
+        """Copy tokens ``start .. start+count-1`` of the request into the slot of ``obj`` (a KVObj).
+
+        torch: one gather straight into the slot's view. JAX: the first call gathers tokens
+        ``start .. total-1`` at once (one jitted call, padded to whole chunks) and every call copies its
+        chunk out of that result.
+        """
+        if self.spec.framework == "torch":
+            self._kernels.gather_into(self.kv_caches, self.spec, self.table, start, obj.as_torch())
+            return
+        if self._gathered is None or start < self._origin:
+            self._origin = start
+            gathered = self._kernels.gather(
+                self.kv_caches, self.spec, self.table, start, total - start, bucket=self.chunk_size
+            )
+            self._gathered = np.asarray(gathered) if self.host else gathered  # a view on the CPU
+        offset = start - self._origin
+        piece = self._gathered[:, :, offset : offset + count]
+        if self.host:
+            np.copyto(obj.as_numpy(), piece, casting="no")
+        else:
+            obj.copy_from(piece)
+
+    def scatter_chunks(self, chunks: Sequence[tuple[int, Any]], total: int) -> Any:
+        """Write chunks (``(start, KVObj)`` pairs covering tokens ``0 .. total-1``) into the blocks.
+
+        Returns:
+            torch: ``total`` (the cache was written in place). JAX: the new paged cache (one jitted,
+            donated scatter; the arrays passed in are invalid afterwards).
+        """
+        if self.spec.framework == "torch":
+            for start, obj in chunks:
+                self._kernels.scatter_from(self.kv_caches, self.spec, self.table, start, obj.as_torch())
+            return total
+        padded = -(-total // self.chunk_size) * self.chunk_size
+        dtype = self.spec.dtype
+        bits = _aligned_host(self.spec.chunk_shape(padded), dtype)
+        staging = bits.view(dtype.numpy_dtype)
+        for start, obj in chunks:
+            piece = obj.as_numpy() if self.host else obj.clone("numpy")
+            np.copyto(staging[:, :, start : start + obj.num_tokens], piece, casting="no")
+        return self._kernels.scatter(self.kv_caches, self.spec, self.table, 0, staging, total)
+
+
+def _aligned_host(shape: tuple[int, ...], dtype: DTypeSpec) -> np.ndarray:
+    """A new host array of ``dtype``'s bits, 256-byte aligned (JAX aliases only aligned host memory)."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    raw = np.empty(nbytes + 256, dtype=np.uint8)
+    start = (-raw.ctypes.data) % 256
+    return raw[start : start + nbytes].view(dtype.bits_dtype).reshape(shape)
+
+
 __all__ = [
     "KERNEL_MODULES",
     "LAYOUTS",
+    "PagedRequest",
     "PagedSpec",
     "block_table",
     "check_range",

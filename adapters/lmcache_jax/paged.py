@@ -26,6 +26,7 @@ import numpy as np
 
 from lmcache.errors import ChunkShapeError
 from lmcache.paged import PagedSpec, row_index, row_tokens
+from lmcache_jax import ADAPTER
 
 
 def _bits(array: jax.Array) -> jax.Array:
@@ -147,7 +148,19 @@ def scatter(kv_caches: Any, spec: PagedSpec, table: np.ndarray, start: int, src:
     rows = spec.num_blocks * spec.block_size // g + np.arange(rows_total, dtype=np.int64)  # dropped
     rows[: count // g] = row_index(table, spec.block_size, start, count, g)
     caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
+    if isinstance(src, np.ndarray):
+        src = _to_device(src, spec, caches if spec.layout == "stacked" else caches[0])
     return _scatter(caches, jnp.asarray(rows.astype(np.int32)), src, layout=spec.layout, g=g)
+
+
+def _to_device(src: np.ndarray, spec: PagedSpec, like: Any) -> jax.Array:
+    """Put a host array where the cache is: aliased without a copy when the cache is on the CPU and the
+    array is contiguous and 64-byte aligned (what JAX can alias), else copied there."""
+    device = next(iter(like.devices()))
+    if device.platform == "cpu" and src.flags.c_contiguous and src.ctypes.data % 64 == 0:
+        return ADAPTER.from_host(src.view(spec.dtype.bits_dtype), spec.dtype)
+    placed: jax.Array = jax.device_put(src, device)
+    return placed
 
 
 __all__ = ["gather", "scatter"]

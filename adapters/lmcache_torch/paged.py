@@ -107,6 +107,7 @@ def gather_into(kv_caches: object, spec: PagedSpec, table: np.ndarray, start: in
             torch.index_select(_as_rows(layer, row_bytes), 0, index, out=_as_rows(out, row_bytes))
     if target is not dst:
         dst.copy_(target)
+    _wait(device)
 
 
 def scatter_from(
@@ -137,6 +138,13 @@ def scatter_from(
     else:
         for layer, part in zip(layers, source, strict=True):
             _as_rows(layer, row_bytes).index_copy_(0, index, _as_rows(part, row_bytes))
+    _wait(device)
+
+
+def _wait(device: torch.device) -> None:
+    """Wait for the copies on a GPU: a chunk's slot is read (or published) as soon as this returns."""
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
 
 
 __all__ = ["gather_into", "scatter_from"]
