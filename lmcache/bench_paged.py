@@ -1,0 +1,220 @@
+"""Benchmark of paged transfer: a request's blocks gathered into chunk slots and scattered back.
+
+The request is 4096 tokens of a Llama-3-8B-like model (32 layers, 8 KV heads of 128, bfloat16; 512 MiB),
+in blocks of 16 tokens with a shuffled block table, moved to and from chunks of 256 tokens. Each figure
+is a bandwidth against one contiguous copy of the same bytes in the same framework, measured in the same
+run (torch: ``Tensor.copy_`` into an existing tensor; JAX: a jitted copy). The design asks for >= 0.6x.
+JAX compile time is reported on its own row. ``--quick`` uses 4 layers (64 MiB) instead of 32.
+
+Run it with ``python -m lmcache bench`` (the section "paged transfer").
+"""
+
+from __future__ import annotations
+
+import gc
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from lmcache.bench import Options, Result, _best
+from lmcache.config import LMCacheMemPoolMetadata
+from lmcache.paged import block_table, describe, kernels
+from lmcache.storage_backend.mem_pool import LocalCPUPool
+
+TOKENS = 4096
+BLOCK_SIZE = 16
+CHUNK_SIZE = 256
+HEADS, HEAD_SIZE = 8, 128
+TARGET = 0.6
+
+
+def _layers(opts: Options) -> int:
+    return 4 if opts.repeat <= 2 else 32
+
+
+def _random_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 1 << 16, size=shape, dtype=np.uint16)
+
+
+def _timed(fn: Callable[[], Any]) -> Callable[[], float]:
+    def run() -> float:
+        start = time.perf_counter()
+        fn()
+        return time.perf_counter() - start
+
+    return run
+
+
+def _rows(label: str, backend: str, nbytes: int, best: dict[str, float], note: str = "") -> list[Result]:
+    base = nbytes / best["copy"] / 1e9
+    results = []
+    for name in (n for n in best if n != "copy"):
+        gbps = nbytes / best[name] / 1e9
+        target = TARGET if not name.startswith("ChunkCache") else None
+        results.append(
+            Result(
+                f"paged {name}, {label}",
+                backend,
+                gbps,
+                "GB/s",
+                base,
+                "one contiguous copy of the same bytes",
+                gbps / base,
+                target,
+                note,
+            )
+        )
+    return results
+
+
+def _pool(backend: str, num_layers: int, slots: int) -> Any:
+    shape = (num_layers, 2, CHUNK_SIZE, HEADS, HEAD_SIZE)
+    slot_bytes = num_layers * 2 * CHUNK_SIZE * HEADS * HEAD_SIZE * 2
+    meta = LMCacheMemPoolMetadata(shape, "bfloat16", slots * slot_bytes / 2**30)
+    return LocalCPUPool(meta, backend=backend, pin_memory=False)
+
+
+def bench_paged_torch(opts: Options) -> list[Result]:
+    """torch: gather into chunk slots and scatter back, for the vLLM list and the stacked layouts; and
+    the same through ``ChunkCache.store_paged`` / ``load_paged`` (no target: bookkeeping included)."""
+    import torch
+
+    from lmcache.chunk_cache import ChunkCache
+
+    L = _layers(opts)
+    num_blocks = TOKENS // BLOCK_SIZE + 32
+    ids = np.random.default_rng(0).permutation(num_blocks)
+    tokens = list(range(TOKENS))
+    chunks = TOKENS // CHUNK_SIZE
+    pool = _pool("torch", L, 2 * chunks)  # half for the kernels' slots, half for the cache's
+    like = torch.empty(L, 2, CHUNK_SIZE, HEADS, HEAD_SIZE, dtype=torch.bfloat16, device="meta")
+    slots = [pool.allocate(like) for _ in range(chunks)]
+    views = [obj.data for obj in slots]
+    copy_src = pool.arena[:chunks]  # the slots' bytes, contiguous: a full chunk fills its slot exactly
+    copy_dst = torch.empty_like(copy_src)
+    copy_dst.copy_(copy_src)  # fault the pages in
+    nbytes = L * 2 * TOKENS * HEADS * HEAD_SIZE * 2
+    module = kernels("torch")
+    results = []
+    stacked = torch.from_numpy(_random_bits((L, 2, num_blocks, BLOCK_SIZE, HEADS, HEAD_SIZE), 1))
+    stacked = stacked.view(torch.bfloat16)
+    for layout in ("vllm", "stacked"):
+        caches: Any = list(stacked) if layout == "vllm" else stacked
+        spec = describe(caches, layout)
+        table = block_table(ids, TOKENS, spec)
+        cache = ChunkCache(pool)
+
+        def gather(caches: Any = caches, spec: Any = spec, table: Any = table) -> None:
+            for i, view in enumerate(views):
+                module.gather_into(caches, spec, table, i * CHUNK_SIZE, view)
+
+        def scatter(caches: Any = caches, spec: Any = spec, table: Any = table) -> None:
+            for i, view in enumerate(views):
+                module.scatter_from(caches, spec, table, i * CHUNK_SIZE, view)
+
+        def store(caches: Any = caches, layout: str = layout, cache: Any = cache) -> None:
+            cache.clear()
+            cache.store_paged(tokens, caches, ids, layout=layout)
+
+        def load(caches: Any = caches, layout: str = layout, cache: Any = cache) -> None:
+            cache.load_paged(tokens, caches, ids, layout=layout)
+
+        best = _best(
+            {
+                "copy": _timed(lambda: copy_dst.copy_(copy_src)),
+                "gather (store)": _timed(gather),
+                "scatter (load)": _timed(scatter),
+                "ChunkCache.store_paged": _timed(store),
+                "ChunkCache.load_paged": _timed(load),  # runs after store_paged: every chunk hits
+            },
+            opts.repeat,
+        )
+        cache.clear()
+        label = f"{layout} layout, {TOKENS} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
+        results += _rows(
+            label, "torch", nbytes, best, f"chunk {CHUNK_SIZE}; {torch.get_num_threads()} threads"
+        )
+    for obj in slots:
+        pool.free(obj)
+    pool.close()
+    return results
+
+
+def bench_paged_jax(opts: Options) -> list[Result]:
+    """JAX: one jitted gather and one jitted donated scatter, stacked and interleaved layouts."""
+    import jax
+    import jax.numpy as jnp
+
+    L = _layers(opts)
+    num_blocks = TOKENS // BLOCK_SIZE + 32
+    ids = np.random.default_rng(0).permutation(num_blocks)
+    nbytes = L * 2 * TOKENS * HEADS * HEAD_SIZE * 2
+    module = kernels("jax")
+    src = jnp.asarray(
+        _random_bits((L, 2, TOKENS, HEADS, HEAD_SIZE), 2).view(jnp.bfloat16)
+    ).block_until_ready()
+    copy = jax.jit(jnp.copy)
+    results = []
+    for layout in ("stacked", "interleaved"):
+        if layout == "stacked":
+            bits = _random_bits((L, 2, num_blocks, BLOCK_SIZE, HEADS, HEAD_SIZE), 1)
+            state: dict[str, Any] = {"caches": jnp.asarray(bits.view(jnp.bfloat16))}
+        else:
+            bits = _random_bits((num_blocks, BLOCK_SIZE, 2 * HEADS, HEAD_SIZE), 1)
+            state = {"caches": [jnp.asarray(bits.view(jnp.bfloat16)) for _ in range(L)]}
+        del bits
+        spec = describe(state["caches"], layout)
+        table = block_table(ids, TOKENS, spec)
+
+        def gather(spec: Any = spec, table: Any = table, state: dict[str, Any] = state) -> None:
+            module.gather(state["caches"], spec, table, 0, TOKENS, bucket=CHUNK_SIZE).block_until_ready()
+
+        def scatter(spec: Any = spec, table: Any = table, state: dict[str, Any] = state) -> None:
+            state["caches"] = module.scatter(state["caches"], spec, table, 0, src, TOKENS)
+            jax.block_until_ready(state["caches"])  # type: ignore[no-untyped-call]
+
+        first = {}
+        for name, fn in (
+            ("gather", gather),
+            ("scatter", scatter),
+            ("copy", lambda: copy(src).block_until_ready()),
+        ):
+            first[name] = _timed(fn)()
+        best = _best(
+            {
+                "copy": _timed(lambda: copy(src).block_until_ready()),
+                "gather (store)": _timed(gather),
+                "scatter (load)": _timed(scatter),
+            },
+            opts.repeat,
+        )
+        label = f"{layout} layout, {TOKENS} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
+        results += _rows(label, "jax", nbytes, best, "jitted; scatter donates the cache")
+        for name, key in (("gather", "gather (store)"), ("scatter", "scatter (load)")):
+            results.append(
+                Result(
+                    f"paged {name} first call (trace + compile + run), {layout} layout",
+                    "jax",
+                    first[name] * 1e3,
+                    "ms",
+                    note=f"then {best[key] * 1e3:.1f} ms per call; compiled once per shape",
+                )
+            )
+        del state
+        gc.collect()
+    return results
+
+
+def bench_paged(backends: Sequence[str], opts: Options) -> list[Result]:
+    """The paged transfer section: each of torch and JAX that is benchmarked."""
+    results = []
+    if "torch" in backends:
+        results += bench_paged_torch(opts)
+    if "jax" in backends:
+        results += bench_paged_jax(opts)
+    return results
+
+
+__all__ = ["bench_paged", "bench_paged_jax", "bench_paged_torch"]
