@@ -349,6 +349,10 @@ class PagedRequest:
         self.chunk_size = pool_layout.chunk_size
         self.table = np.zeros(0, np.int64)
         self._kernels = kernels(self.spec.framework)
+        # torch: the cache's row views, made once for every chunk of the request.
+        self._torch = (
+            self._kernels.TorchPaged(kv_caches, self.spec) if self.spec.framework == "torch" else None
+        )
         self._gathered: Any = None  # JAX: tokens [_origin, ...) gathered by one call
         self._origin = 0
 
@@ -367,8 +371,8 @@ class PagedRequest:
         ``start .. total-1`` at once (one jitted call, padded to whole chunks) and every call copies its
         chunk out of that result.
         """
-        if self.spec.framework == "torch":
-            self._kernels.gather_into(self.kv_caches, self.spec, self.table, start, obj.as_torch())
+        if self._torch is not None:
+            self._torch.gather_into(self.table, start, obj.as_torch())
             return
         if self._gathered is None or start < self._origin:
             self._origin = start
@@ -390,9 +394,9 @@ class PagedRequest:
             torch: ``total`` (the cache was written in place). JAX: the new paged cache (one jitted,
             donated scatter; the arrays passed in are invalid afterwards).
         """
-        if self.spec.framework == "torch":
+        if self._torch is not None:
             for start, obj in chunks:
-                self._kernels.scatter_from(self.kv_caches, self.spec, self.table, start, obj.as_torch())
+                self._torch.scatter_from(self.table, start, obj.as_torch())
             return total
         padded = -(-total // self.chunk_size) * self.chunk_size
         dtype = self.spec.dtype

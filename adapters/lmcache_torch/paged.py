@@ -28,41 +28,29 @@ from lmcache_torch import torch_dtype
 _ROW_DTYPES = (torch.complex128, torch.float64, torch.float32, torch.int16, torch.uint8)
 
 
-def _as_rows(tensor: torch.Tensor, row_bytes: int) -> torch.Tensor:
-    """View a contiguous tensor as ``(rows, width)`` of the widest element type that fits ``row_bytes``."""
-    flat = tensor.reshape(-1)
-    nbytes = flat.numel() * flat.element_size()
-    address = flat.data_ptr()
+def _row_dtype(row_bytes: int, addresses: list[int]) -> torch.dtype:
+    """The widest element type that divides ``row_bytes`` and the alignment of every address."""
     for dtype in _ROW_DTYPES:
         size = dtype.itemsize
-        if row_bytes % size == 0 and address % size == 0:
-            return flat.view(torch.uint8).view(dtype).view(nbytes // row_bytes, row_bytes // size)
-    raise ChunkShapeError(f"cannot view {row_bytes}-byte rows")  # unreachable: uint8 always fits
+        if row_bytes % size == 0 and all(address % size == 0 for address in addresses):
+            return dtype
+    return torch.uint8
+
+
+def _as_rows(tensor: torch.Tensor, dtype: torch.dtype, width: int, lead: int = 0) -> torch.Tensor:
+    """View a contiguous tensor's bytes as ``(rows, width)`` of ``dtype`` (``(lead, rows, width)`` when
+    ``lead`` is given: one block of rows per layer)."""
+    flat = tensor.reshape(-1).view(torch.uint8).view(dtype)
+    return flat.view(lead, -1, width) if lead else flat.view(-1, width)
 
 
 def _layers(kv_caches: object, spec: PagedSpec) -> list[torch.Tensor]:
     """The tensors one op covers: the stacked cache, or each layer of a list."""
     if spec.layout == "stacked":
-        return [kv_caches]  # type: ignore[list-item]
+        return [cast("torch.Tensor", kv_caches)]
     if spec.layout == "vllm":
         return list(cast("list[torch.Tensor]", kv_caches))
     raise ChunkTypeError(f"layout {spec.layout!r} holds JAX arrays; torch moves 'vllm' and 'stacked' caches")
-
-
-def _index(
-    spec: PagedSpec, table: np.ndarray, start: int, count: int, device: torch.device
-) -> tuple[torch.Tensor, int]:
-    """Row numbers of tokens ``start .. start+count-1`` for one op, and the row width in bytes.
-
-    One op covers every (layer, K/V) pair of its tensor: ``L * K`` of them for a stacked cache, ``K``
-    for one layer of a list; pair ``p``'s rows start at ``p * rows_per_pair``.
-    """
-    g = row_tokens(spec.block_size, start, count)
-    rows = row_index(table, spec.block_size, start, count, g)
-    pairs = spec.kv * (spec.num_layers if spec.layout == "stacked" else 1)
-    rows_per_pair = spec.num_blocks * spec.block_size // g
-    index = (np.arange(pairs, dtype=np.int64)[:, None] * rows_per_pair + rows[None, :]).reshape(-1)
-    return torch.from_numpy(index).to(device), g * spec.token_elems * spec.dtype.itemsize
 
 
 def _check_chunk(chunk: torch.Tensor, spec: PagedSpec, what: str) -> int:
@@ -80,65 +68,108 @@ def _check_chunk(chunk: torch.Tensor, spec: PagedSpec, what: str) -> int:
     return shape[2]
 
 
-def gather_into(kv_caches: object, spec: PagedSpec, table: np.ndarray, start: int, dst: torch.Tensor) -> None:
-    """Copy tokens ``start .. start+n-1`` of a request from its blocks into ``dst``.
+class TorchPaged:
+    """A torch paged cache ready for many transfers: its row views are made once per row width.
+
+    A ``"vllm"`` list costs one op per layer per call; making the layers' row views once per request (not
+    once per chunk and layer) keeps the per-op Python cost small next to the bytes each op moves.
 
     Args:
         kv_caches: the paged cache (``"vllm"`` list or ``"stacked"`` tensor), as ``spec`` describes it.
         spec: the cache's geometry (:func:`lmcache.paged.describe`).
-        table: the request's checked block ids (:func:`lmcache.paged.block_table`), covering the range.
-        start: first token to copy.
-        dst: a contiguous ``(L, K, n, H, D)`` tensor of the cache's dtype, on any device (a slot view).
-
-    Raises:
-        ChunkShapeError: ``dst`` has the wrong shape or dtype, or is not contiguous.
     """
-    count = _check_chunk(dst, spec, "the destination chunk")
-    if not dst.is_contiguous():
-        raise ChunkShapeError("the destination chunk must be contiguous (a slot view is)")
-    layers = _layers(kv_caches, spec)
-    device = layers[0].device
-    index, row_bytes = _index(spec, table, start, count, device)
-    target = dst if dst.device == device else torch.empty(dst.shape, dtype=dst.dtype, device=device)
-    if spec.layout == "stacked":
-        torch.index_select(_as_rows(layers[0], row_bytes), 0, index, out=_as_rows(target, row_bytes))
-    else:
-        for layer, out in zip(layers, target, strict=True):
-            torch.index_select(_as_rows(layer, row_bytes), 0, index, out=_as_rows(out, row_bytes))
-    if target is not dst:
-        dst.copy_(target)
-    _wait(device)
+
+    def __init__(self, kv_caches: object, spec: PagedSpec) -> None:
+        self.spec = spec
+        self.layers = _layers(kv_caches, spec)
+        self.device = self.layers[0].device
+        self._addresses = [layer.data_ptr() for layer in self.layers]
+        self._views: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+
+    def _plan(
+        self, table: np.ndarray, start: int, chunk: torch.Tensor
+    ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Row numbers for one op, the cache's row views, and the chunk's rows (one block per op)."""
+        spec = self.spec
+        count = chunk.shape[2]
+        g = row_tokens(spec.block_size, start, count)
+        row_bytes = g * spec.token_elems * spec.dtype.itemsize
+        dtype = _row_dtype(row_bytes, [*self._addresses, chunk.data_ptr()])
+        width = row_bytes // dtype.itemsize
+        views = self._views.get((dtype, width))
+        if views is None:
+            views = self._views[dtype, width] = [_as_rows(layer, dtype, width) for layer in self.layers]
+        # One op covers every (layer, K/V) pair of its tensor: L * K for a stacked cache, K for one layer
+        # of a list; pair p's rows start at p * rows_per_pair.
+        rows = row_index(table, spec.block_size, start, count, g)
+        pairs = spec.kv * (spec.num_layers if spec.layout == "stacked" else 1)
+        rows_per_pair = spec.num_blocks * spec.block_size // g
+        index = (np.arange(pairs, dtype=np.int64)[:, None] * rows_per_pair + rows[None, :]).reshape(-1)
+        lead = 0 if spec.layout == "stacked" else spec.num_layers
+        return torch.from_numpy(index).to(self.device), views, _as_rows(chunk, dtype, width, lead)
+
+    def gather_into(self, table: np.ndarray, start: int, dst: torch.Tensor) -> None:
+        """Copy tokens ``start .. start+n-1`` of a request from its blocks into ``dst``.
+
+        Args:
+            table: the request's checked block ids (:func:`lmcache.paged.block_table`), covering the range.
+            start: first token to copy.
+            dst: a contiguous ``(L, K, n, H, D)`` tensor of the cache's dtype, on any device (a slot view).
+
+        Raises:
+            ChunkShapeError: ``dst`` has the wrong shape or dtype, or is not contiguous.
+        """
+        _check_chunk(dst, self.spec, "the destination chunk")
+        if not dst.is_contiguous():
+            raise ChunkShapeError("the destination chunk must be contiguous (a slot view is)")
+        target = dst if dst.device == self.device else torch.empty_like(dst, device=self.device)
+        index, views, out = self._plan(table, start, target)
+        if self.spec.layout == "stacked":
+            torch.index_select(views[0], 0, index, out=out)
+        else:
+            for layer, out_layer in zip(views, out, strict=True):
+                torch.index_select(layer, 0, index, out=out_layer)
+        if target is not dst:
+            dst.copy_(target)
+        _wait(self.device)
+
+    def scatter_from(self, table: np.ndarray, start: int, src: torch.Tensor) -> None:
+        """Copy ``src`` (``n`` tokens) into tokens ``start .. start+n-1`` of a request's blocks, in place.
+
+        Only those tokens' positions are written: the rest of each block and every other block keep their
+        bytes.
+
+        Args:
+            table: the request's checked block ids, covering the range.
+            start: first token to write.
+            src: a ``(L, K, n, H, D)`` tensor of the cache's dtype, on any device.
+
+        Raises:
+            ChunkShapeError: ``src`` has the wrong shape or dtype.
+        """
+        _check_chunk(src, self.spec, "the source chunk")
+        source = src.to(self.device).contiguous()
+        index, views, rows = self._plan(table, start, source)
+        if self.spec.layout == "stacked":
+            views[0].index_copy_(0, index, rows)
+        else:
+            for layer, part in zip(views, rows, strict=True):
+                layer.index_copy_(0, index, part)
+        _wait(self.device)
+
+
+def gather_into(kv_caches: object, spec: PagedSpec, table: np.ndarray, start: int, dst: torch.Tensor) -> None:
+    """Copy tokens ``start .. start+n-1`` of a request from its blocks into ``dst`` (see
+    :meth:`TorchPaged.gather_into`; prepare a :class:`TorchPaged` once for many chunks)."""
+    TorchPaged(kv_caches, spec).gather_into(table, start, dst)
 
 
 def scatter_from(
     kv_caches: object, spec: PagedSpec, table: np.ndarray, start: int, src: torch.Tensor
 ) -> None:
-    """Copy ``src`` (``n`` tokens) into tokens ``start .. start+n-1`` of a request's blocks, in place.
-
-    Only those tokens' positions are written: the rest of each block and every other block keep their
-    bytes.
-
-    Args:
-        kv_caches: the paged cache (``"vllm"`` list or ``"stacked"`` tensor), as ``spec`` describes it.
-        spec: the cache's geometry.
-        table: the request's checked block ids, covering the range.
-        start: first token to write.
-        src: a ``(L, K, n, H, D)`` tensor of the cache's dtype, on any device.
-
-    Raises:
-        ChunkShapeError: ``src`` has the wrong shape or dtype.
-    """
-    count = _check_chunk(src, spec, "the source chunk")
-    layers = _layers(kv_caches, spec)
-    device = layers[0].device
-    index, row_bytes = _index(spec, table, start, count, device)
-    source = src.to(device).contiguous()
-    if spec.layout == "stacked":
-        _as_rows(layers[0], row_bytes).index_copy_(0, index, _as_rows(source, row_bytes))
-    else:
-        for layer, part in zip(layers, source, strict=True):
-            _as_rows(layer, row_bytes).index_copy_(0, index, _as_rows(part, row_bytes))
-    _wait(device)
+    """Copy ``src`` into tokens ``start .. start+n-1`` of a request's blocks, in place (see
+    :meth:`TorchPaged.scatter_from`)."""
+    TorchPaged(kv_caches, spec).scatter_from(table, start, src)
 
 
 def _wait(device: torch.device) -> None:
@@ -147,4 +178,4 @@ def _wait(device: torch.device) -> None:
         torch.cuda.current_stream(device).synchronize()
 
 
-__all__ = ["gather_into", "scatter_from"]
+__all__ = ["TorchPaged", "gather_into", "scatter_from"]
