@@ -15,6 +15,10 @@ from kvtest import require
 from lmcache.dtypes import KV_DTYPES
 from lmcache.paged import describe, kernels
 
+#: JAX kernels pad token counts to a multiple of this (as ChunkCache pads to its chunk size), so tests
+#: of many lengths share compiled programs; torch ignores it.
+JAX_BUCKET = 16
+
 FRAMEWORK_LAYOUTS = [("torch", "vllm"), ("torch", "stacked"), ("jax", "stacked"), ("jax", "interleaved")]
 
 
@@ -93,7 +97,7 @@ class Paged:
                     layer[block, offset] = part[:, j].transpose(1, 0, 2).reshape(layer.shape[2], -1)
 
     # -- the kernels, as the chunk cache calls them ---------------------------------------------------
-    def gather(self, table: np.ndarray, start: int, count: int, bucket: int = 1) -> np.ndarray:
+    def gather(self, table: np.ndarray, start: int, count: int, bucket: int = JAX_BUCKET) -> np.ndarray:
         spec = describe(self.caches, self.layout)
         module = kernels(self.framework)
         if self.framework == "torch":
@@ -106,13 +110,14 @@ class Paged:
         assert out.shape[2] >= count
         return host_bits(out)[:, :, :count]
 
-    def scatter(self, table: np.ndarray, start: int, src_bits: np.ndarray, pad: int = 0) -> None:
+    def scatter(self, table: np.ndarray, start: int, src_bits: np.ndarray, bucket: int = JAX_BUCKET) -> None:
         spec = describe(self.caches, self.layout)
         module = kernels(self.framework)
         count = src_bits.shape[2]
         if self.framework == "torch":
             module.scatter_from(self.caches, spec, table, start, self._native(src_bits))
         else:
+            pad = -count % bucket
             padded = np.concatenate([src_bits, np.zeros_like(src_bits[:, :, :pad])], axis=2)
             self.caches = module.scatter(self.caches, spec, table, start, self._native(padded), count)
         self.ref_scatter(table, start, src_bits)
