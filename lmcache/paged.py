@@ -307,18 +307,6 @@ def kernels(framework: str) -> ModuleType:
         ) from exc
 
 
-def check_range(spec: PagedSpec, start: int, count: int, table: np.ndarray) -> None:
-    """Check that tokens ``start .. start+count-1`` lie inside the blocks of ``table``.
-
-    Raises:
-        ChunkShapeError: the range is negative or runs past the table's blocks.
-    """
-    if start < 0 or count < 0 or start + count > table.shape[0] * spec.block_size:
-        raise ChunkShapeError(
-            f"tokens {start}..{start + count - 1} do not fit {table.shape[0]} blocks of {spec.block_size}"
-        )
-
-
 class PagedRequest:
     """One request's paged cache and block table, checked against a pool; copies chunks to and from slots.
 
@@ -353,7 +341,7 @@ class PagedRequest:
         self._torch = (
             self._kernels.TorchPaged(kv_caches, self.spec) if self.spec.framework == "torch" else None
         )
-        self._gathered: Any = None  # JAX: tokens [_origin, ...) gathered by one call
+        self._gathered: Any = None  # JAX: tokens _origin .. total-1, gathered by one call
         self._origin = 0
 
     def check_table(self, num_tokens: int) -> None:
@@ -374,7 +362,7 @@ class PagedRequest:
         if self._torch is not None:
             self._torch.gather_into(self.table, start, obj.as_torch())
             return
-        if self._gathered is None or start < self._origin:
+        if self._gathered is None:  # a store asks for its chunks in order: gather them all once
             self._origin = start
             gathered = self._kernels.gather(
                 self.kv_caches, self.spec, self.table, start, total - start, bucket=self.chunk_size
@@ -422,7 +410,6 @@ __all__ = [
     "PagedRequest",
     "PagedSpec",
     "block_table",
-    "check_range",
     "describe",
     "framework_of_array",
     "kernels",
