@@ -631,7 +631,10 @@ class ChunkCache:
                 return jnp.concatenate(views, axis=2).block_until_ready()
             import torch
 
-            return torch.cat(views, dim=2)
+            result = torch.cat(views, dim=2)
+            if result.is_cuda:  # the slots are unpinned on return: the copy must be done by then
+                torch.cuda.current_stream(result.device).synchronize()
+            return result
         spec = layout.dtype
         nbytes = layout.num_elems(num_tokens) * spec.itemsize
         raw = np.empty(nbytes + _OUTPUT_ALIGNMENT, dtype=np.uint8)
