@@ -588,12 +588,11 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     for backend in backends:
         steps.append((f"{backend}: construction", partial(bench_construction, backend, opts)))
     steps.append(("cross-framework views", partial(bench_views, backends, opts)))
-    steps.append(
-        (
-            "paged transfer",
-            partial(importlib.import_module("lmcache.bench_paged").bench_paged, backends, opts),
-        )
-    )
+    from lmcache.bench_cache import bench_chunk_cache  # here: bench_cache imports this module
+    from lmcache.bench_paged import bench_paged  # the same
+
+    steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
+    steps.append(("paged transfer", partial(bench_paged, backends, opts)))
 
     def say(text: str) -> None:
         if opts.progress is not None:
