@@ -181,7 +181,8 @@ def bench_paged_jax(opts: Options) -> list[Result]:
         table = block_table(ids, TOKENS, spec)
 
         def gather(spec: Any = spec, table: Any = table, state: dict[str, Any] = state) -> None:
-            module.gather(state["caches"], spec, table, 0, TOKENS, bucket=CHUNK_SIZE).block_until_ready()
+            out = module.gather(state["caches"], spec, table, 0, TOKENS, bucket=CHUNK_SIZE)
+            jax.block_until_ready(out)  # type: ignore[no-untyped-call]
 
         def scatter(spec: Any = spec, table: Any = table, state: dict[str, Any] = state) -> None:
             state["caches"] = module.scatter(state["caches"], spec, table, 0, src, TOKENS)

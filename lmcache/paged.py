@@ -343,6 +343,7 @@ class PagedRequest:
         )
         self._gathered: Any = None  # JAX: tokens _origin .. total-1, gathered by one call
         self._origin = 0
+        self._per_layer = False
 
     def check_table(self, num_tokens: int) -> None:
         """Check the block table for the first ``num_tokens`` tokens and keep the ids in use.
@@ -367,13 +368,20 @@ class PagedRequest:
             gathered = self._kernels.gather(
                 self.kv_caches, self.spec, self.table, start, total - start, bucket=self.chunk_size
             )
-            self._gathered = np.asarray(gathered) if self.host else gathered  # a view on the CPU
+            # One (L, K, m, H, D) array, or one (K, m, H, D) array per layer; on the CPU, numpy views.
+            self._per_layer = isinstance(gathered, list)
+            layers = gathered if self._per_layer else [gathered]
+            self._gathered = [np.asarray(x) for x in layers] if self.host else layers
         offset = start - self._origin
-        piece = self._gathered[:, :, offset : offset + count]
-        if self.host:
-            np.copyto(obj.as_numpy(), piece, casting="no")
+        pieces = [layer[..., offset : offset + count, :, :] for layer in self._gathered]
+        if not self.host:
+            obj.copy_from(self._kernels.stack_layers(pieces) if self._per_layer else pieces[0])
+        elif self._per_layer:
+            slot = obj.as_numpy()
+            for index, piece in enumerate(pieces):
+                np.copyto(slot[index], piece, casting="no")
         else:
-            obj.copy_from(piece)
+            np.copyto(obj.as_numpy(), pieces[0], casting="no")
 
     def scatter_chunks(self, chunks: Sequence[tuple[int, Any]], total: int) -> Any:
         """Write chunks (``(start, KVObj)`` pairs covering tokens ``0 .. total-1``) into the blocks.

@@ -106,6 +106,9 @@ class Paged:
             module.gather_into(self.caches, spec, table, start, dst)
             return host_bits(dst)
         out = module.gather(self.caches, spec, table, start, count, bucket=bucket)
+        if self.layout == "interleaved":  # one (K, m, H, D) array per layer
+            assert isinstance(out, list)
+            out = np.stack([host_bits(layer) for layer in out])
         assert out.shape[2] % bucket == 0
         assert out.shape[2] >= count
         return host_bits(out)[:, :, :count]
