@@ -4,7 +4,7 @@ The request is 4096 tokens of a Llama-3-8B-like model (32 layers, 8 KV heads of 
 in blocks of 16 tokens with a shuffled block table, moved to and from chunks of 256 tokens. Each figure
 is a bandwidth against one contiguous copy of the same bytes in the same framework, measured in the same
 run (torch: ``Tensor.copy_`` into an existing tensor; JAX: a jitted copy). The design asks for >= 0.6x.
-JAX compile time is reported on its own row. ``--quick`` uses 2 layers (32 MiB) instead of 32.
+JAX compile time is reported on its own row. ``--quick`` moves 1024 tokens of 2 layers (8 MiB) instead.
 
 Run it with ``python -m lmcache bench`` (the section "paged transfer").
 """
@@ -30,8 +30,9 @@ HEADS, HEAD_SIZE = 8, 128
 TARGET = 0.6
 
 
-def _layers(opts: Options) -> int:
-    return 2 if opts.repeat <= 2 else 32
+def _size(opts: Options) -> tuple[int, int]:
+    """Layers and tokens: the full request, or (``--quick``) a smoke-sized one."""
+    return (2, 1024) if opts.repeat <= 2 else (32, TOKENS)
 
 
 def _random_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -83,11 +84,11 @@ def bench_paged_torch(opts: Options) -> list[Result]:
 
     from lmcache.chunk_cache import ChunkCache
 
-    L = _layers(opts)
-    num_blocks = TOKENS // BLOCK_SIZE + 32
+    L, T = _size(opts)
+    num_blocks = T // BLOCK_SIZE + 32
     ids = np.random.default_rng(0).permutation(num_blocks)
-    tokens = list(range(TOKENS))
-    chunks = TOKENS // CHUNK_SIZE
+    tokens = list(range(T))
+    chunks = T // CHUNK_SIZE
     pool = _pool("torch", L, 2 * chunks)  # half for the kernels' slots, half for the cache's
     like = torch.empty(L, 2, CHUNK_SIZE, HEADS, HEAD_SIZE, dtype=torch.bfloat16, device="meta")
     slots = [pool.allocate(like) for _ in range(chunks)]
@@ -95,7 +96,7 @@ def bench_paged_torch(opts: Options) -> list[Result]:
     copy_src = pool.arena[:chunks]  # the slots' bytes, contiguous: a full chunk fills its slot exactly
     copy_dst = torch.empty_like(copy_src)
     copy_dst.copy_(copy_src)  # fault the pages in
-    nbytes = L * 2 * TOKENS * HEADS * HEAD_SIZE * 2
+    nbytes = L * 2 * T * HEADS * HEAD_SIZE * 2
     module = kernels("torch")
     results = []
     stacked = torch.from_numpy(_random_bits((L, 2, num_blocks, BLOCK_SIZE, HEADS, HEAD_SIZE), 1))
@@ -104,7 +105,7 @@ def bench_paged_torch(opts: Options) -> list[Result]:
         # vLLM allocates each layer on its own: separate tensors, not views of one.
         caches: Any = [layer.clone() for layer in stacked] if layout == "vllm" else stacked
         spec = describe(caches, layout)
-        table = block_table(ids, TOKENS, spec)
+        table = block_table(ids, T, spec)
         cache = ChunkCache(pool)
 
         def gather(caches: Any = caches, spec: Any = spec, table: Any = table) -> None:
@@ -131,11 +132,12 @@ def bench_paged_torch(opts: Options) -> list[Result]:
             "ChunkCache.store_paged": _timed(store),
             "ChunkCache.load_paged": _timed(load),  # runs after store_paged: every chunk hits
         }
-        label = f"{layout} layout, {TOKENS} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
+        label = f"{layout} layout, {T} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
         # torch's default threads, and one thread: on a machine whose cores other processes share, each
         # parallel op can wait for a descheduled thread, and a list layout runs one op per layer and chunk.
         default_threads = torch.get_num_threads()
-        for threads in sorted({default_threads, 1}, reverse=True):
+        settings = [default_threads] if opts.repeat <= 2 else sorted({default_threads, 1}, reverse=True)
+        for threads in settings:  # --quick: the default only
             torch.set_num_threads(threads)
             try:
                 best = _best(trials, opts.repeat)
@@ -157,17 +159,15 @@ def bench_paged_jax(opts: Options) -> list[Result]:
 
     from lmcache.chunk_cache import ChunkCache
 
-    L = _layers(opts)
-    num_blocks = TOKENS // BLOCK_SIZE + 32
+    L, T = _size(opts)
+    num_blocks = T // BLOCK_SIZE + 32
     ids = np.random.default_rng(0).permutation(num_blocks)
-    nbytes = L * 2 * TOKENS * HEADS * HEAD_SIZE * 2
+    nbytes = L * 2 * T * HEADS * HEAD_SIZE * 2
     module = kernels("jax")
-    src = jnp.asarray(
-        _random_bits((L, 2, TOKENS, HEADS, HEAD_SIZE), 2).view(jnp.bfloat16)
-    ).block_until_ready()
+    src = jnp.asarray(_random_bits((L, 2, T, HEADS, HEAD_SIZE), 2).view(jnp.bfloat16)).block_until_ready()
     copy = jax.jit(jnp.copy)
-    pool = _pool("jax", L, TOKENS // CHUNK_SIZE)
-    tokens = list(range(TOKENS))
+    pool = _pool("jax", L, T // CHUNK_SIZE)
+    tokens = list(range(T))
     results = []
     for layout in ("stacked", "interleaved"):
         if layout == "stacked":
@@ -178,14 +178,14 @@ def bench_paged_jax(opts: Options) -> list[Result]:
             state = {"caches": [jnp.asarray(bits.view(jnp.bfloat16)) for _ in range(L)]}
         del bits
         spec = describe(state["caches"], layout)
-        table = block_table(ids, TOKENS, spec)
+        table = block_table(ids, T, spec)
 
         def gather(spec: Any = spec, table: Any = table, state: dict[str, Any] = state) -> None:
-            out = module.gather(state["caches"], spec, table, 0, TOKENS, bucket=CHUNK_SIZE)
+            out = module.gather(state["caches"], spec, table, 0, T, bucket=CHUNK_SIZE)
             jax.block_until_ready(out)  # type: ignore[no-untyped-call]
 
         def scatter(spec: Any = spec, table: Any = table, state: dict[str, Any] = state) -> None:
-            state["caches"] = module.scatter(state["caches"], spec, table, 0, src, TOKENS)
+            state["caches"] = module.scatter(state["caches"], spec, table, 0, src, T)
             jax.block_until_ready(state["caches"])  # type: ignore[no-untyped-call]
 
         cache = ChunkCache(pool)
@@ -218,7 +218,7 @@ def bench_paged_jax(opts: Options) -> list[Result]:
             opts.repeat,
         )
         cache.clear()
-        label = f"{layout} layout, {TOKENS} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
+        label = f"{layout} layout, {T} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
         results += _rows(label, "jax", nbytes, best, "jitted; scatter donates the cache")
         for name, key in (("gather", "gather (store)"), ("scatter", "scatter (load)")):
             results.append(
