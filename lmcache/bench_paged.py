@@ -4,7 +4,10 @@ The request is 4096 tokens of a Llama-3-8B-like model (32 layers, 8 KV heads of 
 in blocks of 16 tokens with a shuffled block table, moved to and from chunks of 256 tokens. Each figure
 is a bandwidth against one contiguous copy of the same bytes in the same framework, measured in the same
 run (torch: ``Tensor.copy_`` into an existing tensor; JAX: a jitted copy). The design asks for >= 0.6x.
-JAX compile time is reported on its own row. ``--quick`` moves 1024 tokens of 2 layers (8 MiB) instead.
+JAX compile time is reported on its own row. torch runs twice, with its default threads and with one
+(baseline included): on a machine whose cores other processes share, a parallel op can wait for a
+descheduled thread, and the ``"vllm"`` list layout runs one op per chunk and layer. ``--quick`` moves
+1024 tokens of 2 layers (8 MiB), with the default threads only.
 
 Run it with ``python -m lmcache bench`` (the section "paged transfer").
 """
