@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same, random_src
+from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same, host_bits, random_src
 
 from kvtest import require
 from lmcache.dtypes import KV_DTYPES
@@ -288,4 +288,27 @@ def test_random_block_tables(framework_layout: tuple[str, str], data: st.DataObj
         gathered = paged.gather(table, start, count, bucket=chunk)
         assert np.array_equal(gathered, paged.ref_gather(table, start, count))
         paged.scatter(table, start, random_src(paged, count, seed=start), bucket=chunk)
+    assert_same(paged)
+
+
+def test_torch_rows_of_misaligned_tensors() -> None:
+    """A cache or chunk that starts 2 bytes past an aligned address still moves exactly (narrower rows)."""
+    torch = require("torch")
+    paged = Paged("torch", "vllm", (2, 2, 6, 4, 2, 8), "bfloat16")
+    spec = describe(paged.caches, "vllm")
+    table = block_table([5, 0, 3], 12, spec)
+    module = kernels("torch")
+    numel = 2 * 2 * 12 * 2 * 8
+    backing = torch.zeros(numel + 1, dtype=torch.bfloat16)
+    dst = backing[1:].view(2, 2, 12, 2, 8)  # 2 bytes past the allocation's (aligned) start
+    module.gather_into(paged.caches, spec, table, 0, dst)
+    assert np.array_equal(host_bits(dst), paged.ref_gather(table, 0, 12))
+    shifted = []
+    for layer in paged.caches:  # the cache's layers, moved 2 bytes off alignment
+        buffer = torch.empty(layer.numel() + 1, dtype=layer.dtype)
+        buffer[1:].copy_(layer.reshape(-1))
+        shifted.append(buffer[1:].view(layer.shape))
+    paged.caches = shifted
+    src = random_src(paged, 12, seed=5)
+    paged.scatter(table, 0, src)
     assert_same(paged)
