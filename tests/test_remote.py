@@ -507,3 +507,45 @@ def test_tier_state_machine(redis_server: RedisServer) -> None:
     run_state_machine_as_test(
         TierModel, settings=settings(max_examples=30, stateful_step_count=20, deadline=None)
     )
+
+
+# -- isolation and the benchmark section -------------------------------------------------------------
+def test_importing_the_module_imports_no_client_library() -> None:
+    code = (
+        "import sys, lmcache.remote, lmcache.bench_remote; "
+        "bad = [m for m in ('redis', 'xxhash', 'torch', 'jax') if m in sys.modules]; "
+        "print(bad); sys.exit(1 if bad else 0)"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(root), str(root / "adapters")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    from lmcache.errors import BackendUnavailableError
+
+    monkeypatch.setitem(sys.modules, "redis", None)
+    with pytest.raises(BackendUnavailableError, match=r"pip install 'lmcache-mempool\[redis\]'"):
+        remote.RedisTier(f"redis://{HOST}:1/0")
+
+
+def test_bench_section_measures_against_raw_commands() -> None:
+    require_redis()
+    from lmcache.bench import Options
+    from lmcache.bench_remote import bench_remote
+
+    results = bench_remote(Options(repeat=1, progress=None))
+    metrics = [r.metric for r in results]
+    assert metrics == [
+        "remote put (256 KiB chunk)",
+        "remote get (256 KiB chunk)",
+        "remote put (32 MiB chunk)",
+        "remote get (32 MiB chunk)",
+        "remote probe of 128 chunks, one pipelined round trip",
+    ]
+    for result in results[:4]:
+        assert result.target == 0.8
+        assert result.ratio is not None
+        assert result.baseline is not None
+        assert result.ratio == pytest.approx(result.value / result.baseline)
