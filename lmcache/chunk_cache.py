@@ -20,13 +20,18 @@ How it is built (and why each piece exists):
 * The lock is held only for dict work and slot hand-out; hashing and byte copies run outside it. A chunk
   enters the dict only after its bytes are completely in its slot, so ``lookup``, ``retrieve`` and
   ``lease`` never see a half-written chunk.
+* With a remote tier (``remote=``, :mod:`lmcache.remote`), ``store`` queues each newly stored chunk for
+  the tier's writer, straight from its slot: the prefix up to the last new chunk stays pinned until its
+  writes are sent or dropped (a whole prefix, so the ordering invariant holds). A local miss in
+  ``lookup`` probes the server; in ``retrieve`` and ``lease`` it fetches the following chunks and stores
+  the hits into local slots (evicting as usual) before answering.
 """
 
 from __future__ import annotations
 
 import threading
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from hashlib import blake2b
 from typing import Any
@@ -36,6 +41,7 @@ import numpy as np
 from lmcache.arena import check_array, framework_of, host_array_of
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
 from lmcache.registry import load_adapter
+from lmcache.remote import RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
@@ -73,6 +79,12 @@ class CacheStats:
         cleared: chunks dropped by :meth:`ChunkCache.clear`, ever.
         hit_tokens: tokens found, over ``lookup``, ``retrieve`` and ``lease`` calls.
         query_tokens: tokens asked for, over ``lookup``, ``retrieve`` and ``lease`` calls.
+        remote_hits: chunks fetched from the remote tier (0 without one; the tier's counters, shared by
+            every cache that uses the same tier object).
+        remote_writes: chunks written to the remote tier.
+        remote_errors: failed remote operations (server down, slow, refusing credentials).
+        remote_dropped: remote writes dropped (queue full, failed write, closed tier).
+        remote_corrupt: remote values rejected (wrong format, dtype, shape, length or checksum).
     """
 
     chunks: int
@@ -83,6 +95,11 @@ class CacheStats:
     cleared: int
     hit_tokens: int
     query_tokens: int
+    remote_hits: int = 0
+    remote_writes: int = 0
+    remote_errors: int = 0
+    remote_dropped: int = 0
+    remote_corrupt: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -214,6 +231,11 @@ class ChunkCache:
             ``store`` stops.
         namespace: separates caches whose chunks must never mix (model, KV dtype, tensor-parallel rank):
             it seeds every key.
+        remote: a remote tier to write through to and read through from: a URL
+            (``"redis://host:port/db"``, ``"rediss://..."``) for a :class:`~lmcache.remote.RedisTier`
+            with default options, or a tier object built with options (key prefix, TTL, timeouts, queue
+            size). A tier made from a URL is closed by :meth:`close`; a tier object stays its creator's
+            to close. Remote faults never raise: they are counted in ``stats()``.
 
     Invariants (checked by the test-suite's state machine):
 
@@ -243,11 +265,18 @@ class ChunkCache:
         (10, True)
     """
 
-    def __init__(self, pool: LocalPool, *, namespace: str = "") -> None:
+    def __init__(
+        self, pool: LocalPool, *, namespace: str = "", remote: str | RedisTier | None = None
+    ) -> None:
         if not isinstance(pool, LocalPool):
             raise ConfigError(f"ChunkCache needs a LocalPool (or a subclass), got {type(pool).__name__}")
         if not isinstance(namespace, str):
             raise ConfigError(f"namespace must be a str, got {type(namespace).__name__}")
+        if remote is not None and not isinstance(remote, (str, RedisTier)):
+            raise ConfigError(
+                f"remote must be a URL such as 'redis://127.0.0.1:6379/0' or a RedisTier, got "
+                f"{type(remote).__name__}"
+            )
         #: The pool the chunks live in.
         self.pool = pool
         #: The string every key is seeded with.
@@ -270,6 +299,9 @@ class ChunkCache:
         self._cleared = 0
         self._hit_tokens = 0
         self._query_tokens = 0
+        #: The remote tier, or None.
+        self.remote = RedisTier(remote) if isinstance(remote, str) else remote
+        self._owns_remote = isinstance(remote, str)
 
     # -- keys ----------------------------------------------------------------------------------------
     def keys(self, tokens: Any) -> list[bytes]:
@@ -314,6 +346,12 @@ class ChunkCache:
         ids = token_ids(tokens)
         cached = self._cached_keys(ids)
         hit = min(len(cached) * self._chunk_size, len(ids))
+        if self.remote is not None and hit < len(ids):  # one round trip for the chunks that follow
+            keys = list(self._iter_keys(ids))[len(cached) :]
+            shapes = self._shapes(ids, len(cached), len(keys))
+            found = self.remote.probe(self._remote_keys(keys), self._layout.dtype.name, shapes)
+            run = found.index(False) if False in found else len(found)
+            hit = min((len(cached) + run) * self._chunk_size, len(ids))
         with self._lock:
             self._hit_tokens += hit
             self._query_tokens += len(ids)
@@ -321,8 +359,19 @@ class ChunkCache:
 
     def stats(self) -> CacheStats:
         """Return a consistent snapshot of the counters (see :class:`CacheStats`)."""
+        remote = {}
+        if self.remote is not None:
+            tier = self.remote.stats()
+            remote = {
+                "remote_hits": tier.hits,
+                "remote_writes": tier.writes,
+                "remote_errors": tier.errors,
+                "remote_dropped": tier.dropped,
+                "remote_corrupt": tier.corrupt,
+            }
         with self._lock:
             return CacheStats(
+                **remote,
                 chunks=len(self._entries),
                 leased=self._leased,
                 pinned=len(self._entries) - len(self._lru),
@@ -357,9 +406,23 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         source = self._check_kv(kv, len(ids))
-        keys = list(self._iter_keys(ids))
-        chunk_size, total = self._chunk_size, len(ids)
+        size = self._chunk_size
+        return self._insert(
+            list(self._iter_keys(ids)), len(ids), lambda i: source[:, :, i * size : (i + 1) * size]
+        )
+
+    def _insert(
+        self, keys: list[bytes], total: int, piece: Callable[[int], Any], *, write_through: bool = True
+    ) -> int:
+        """Cache the chunks of ``keys`` (``total`` tokens), copying ``piece(index)`` into each missing
+        one; stop at the first that gets no slot or whose ``piece`` is None. Return the tokens cached.
+
+        New chunks are queued for the remote tier when ``write_through`` (not when they came from it).
+        """
+        chunk_size = self._chunk_size
         chain: list[_Entry] = []
+        new: list[_Entry] = []
+        hold: list[_Entry] = []
         lock, entries = self._lock, self._entries
         try:
             for index, key in enumerate(keys):
@@ -371,11 +434,12 @@ class ChunkCache:
                         self._pin(entry)
                         chain.append(entry)
                         continue
-                    obj = self._take_slot(num_tokens)
+                    source = piece(index)
+                    obj = None if source is None else self._take_slot(num_tokens)
                 if obj is None:
-                    break  # nothing left to evict
+                    break  # nothing left to evict, or no bytes for this chunk
                 try:
-                    self._copy_in(obj, source[:, :, start : start + num_tokens])
+                    self._copy_in(obj, source)
                 except BaseException:
                     with lock:
                         self.pool.free(obj)
@@ -392,10 +456,17 @@ class ChunkCache:
                             entry.parent.children += 1
                         entries[key] = entry
                         self._stored += 1
+                        new.append(entry)
                     chain.append(entry)
         finally:
             with lock:
+                if new and write_through and self.remote is not None:
+                    hold = chain[: chain.index(new[-1]) + 1]  # pinned as a whole prefix until sent
+                    for entry in hold:
+                        self._pin(entry)
                 self._unpin(chain)
+            if hold:
+                self._write_through(hold, new)
         return sum(entry.num_tokens for entry in chain)
 
     def _check_kv(self, kv: Any, num_tokens: int) -> Any:
@@ -459,6 +530,7 @@ class ChunkCache:
         limit = self._check_out(out, framework) if out is not None else None
         if out is None:
             framework = self._check_framework(framework)
+        self._pull(ids, limit)
         chain = self._pin_prefix(ids, limit, lease=False)
         try:
             num_tokens = sum(entry.num_tokens for entry in chain)
@@ -480,7 +552,9 @@ class ChunkCache:
 
         Use it as a context manager, or call ``release()``. A miss gives an empty lease.
         """
-        return Lease(self, self._pin_prefix(token_ids(tokens), None, lease=True))
+        ids = token_ids(tokens)
+        self._pull(ids, None)
+        return Lease(self, self._pin_prefix(ids, None, lease=True))
 
     def _pin_prefix(self, ids: np.ndarray, limit: int | None, *, lease: bool) -> list[_Entry]:
         """Pin (and count) the longest cached prefix of ``ids``; raise if it is longer than ``limit``."""
@@ -587,6 +661,84 @@ class ChunkCache:
         if framework == "numpy":
             return typed
         return load_adapter(framework).from_host(bits, spec)
+
+    # -- the remote tier ------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued remote write was sent or dropped; False if ``timeout`` passed first.
+
+        True at once without a remote tier. Never raises for a remote fault.
+        """
+        return True if self.remote is None else self.remote.flush(timeout)
+
+    def close(self) -> None:
+        """Stop the remote tier's writer if this cache made the tier (from a URL); it returns promptly
+        even when the server is gone. The cache keeps working locally afterwards."""
+        if self.remote is not None and self._owns_remote:
+            self.remote.close()
+
+    def _remote_keys(self, keys: list[bytes]) -> list[bytes]:
+        tier = self.remote
+        return [] if tier is None else [tier.key(self.namespace, key) for key in keys]
+
+    def _shapes(self, ids: np.ndarray, first: int, count: int) -> list[tuple[int, int, int, int, int]]:
+        """The view shapes of chunks ``first .. first + count - 1`` of ``ids``."""
+        size, total = self._chunk_size, len(ids)
+        return [self._layout.view_shape(min(size, total - i * size)) for i in range(first, first + count)]
+
+    def _write_through(self, hold: list[_Entry], new: list[_Entry]) -> None:
+        """Queue ``new`` for the remote writer; unpin ``hold`` (their prefix) once all are sent or dropped.
+
+        Called without the lock: the tier may call ``on_done`` at once (a full queue drops a write).
+        """
+        tier = self.remote
+        if tier is None:
+            return
+        left = [len(new)]
+
+        def on_done(sent: bool) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    self._unpin(hold)
+
+        dtype = self._layout.dtype.name
+        for entry in new:
+            obj = entry.obj
+            payload = obj.as_numpy() if self._host else obj.clone("numpy")  # device slots: a host copy
+            tier.submit(tier.key(self.namespace, entry.key), payload, dtype, payload.shape, on_done)
+
+    def _pull(self, ids: np.ndarray, limit: int | None) -> None:
+        """Fetch the chunks that follow the local prefix of ``ids`` from the remote tier into local slots.
+
+        Batches of up to the tier's ``batch_bytes`` each take one pipelined round trip; it stops at the
+        first miss, at ``limit`` tokens (an ``out`` of that size), or when no slot can be had.
+        """
+        tier = self.remote
+        if tier is None:
+            return
+        local = len(self._cached_keys(ids))
+        size, total = self._chunk_size, len(ids)
+        if limit is not None and limit < total:
+            total = limit - limit % size  # only chunks that fit in ``out``: more would make retrieve raise
+        keys = list(self._iter_keys(ids[:total]))
+        per_batch = max(1, tier.batch_bytes // self._layout.chunk_bytes)
+        dtype = self._layout.dtype
+        start = local
+        while start < len(keys):
+            batch = keys[start : start + per_batch]
+            shapes = self._shapes(ids[:total], start, len(batch))
+            arrays: dict[int, np.ndarray] = {}
+            for offset, payload in enumerate(tier.fetch(self._remote_keys(batch), dtype.name, shapes)):
+                if payload is None:
+                    break
+                arrays[start + offset] = np.frombuffer(payload, dtype.numpy_dtype).reshape(shapes[offset])
+            end = start + len(arrays)
+            wanted = min(total, end * size)
+            if not arrays or self._insert(keys[:end], wanted, arrays.get, write_through=False) < wanted:
+                return
+            if len(arrays) < len(batch):
+                return
+            start = end
 
     # -- eviction ------------------------------------------------------------------------------------
     def clear(self) -> int:

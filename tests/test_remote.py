@@ -408,6 +408,7 @@ def test_rediss_passes_tls_to_the_client() -> None:
 
 # -- two processes share chunks ----------------------------------------------------------------------
 def run_peer(*args: str) -> str:
+    """Run ``tests/remote_peer.py`` in a new process; return what it printed."""
     env = dict(os.environ)
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "adapters"), env.get("PYTHONPATH", "")])
@@ -422,8 +423,8 @@ def run_peer(*args: str) -> str:
 def test_two_processes_share_chunks_bit_exactly(redis_server: RedisServer, writer: str, reader: str) -> None:
     require(writer)
     require(reader)
-    run_peer("write", writer, redis_server.url, "bfloat16")
-    assert run_peer("read", reader, redis_server.url, "bfloat16").strip() == "ok 3"
+    run_peer("tier", "write", writer, redis_server.url, "bfloat16")
+    assert run_peer("tier", "read", reader, redis_server.url, "bfloat16").strip() == "ok 3"
 
 
 # -- a model of the tier -----------------------------------------------------------------------------
