@@ -13,8 +13,10 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -22,6 +24,7 @@ import pytest
 from kvtest import REQUIRED
 
 HOST = "127.0.0.1"  # the only address these tests ever contact
+PEER = Path(__file__).with_name("remote_peer.py")
 
 
 def require_redis() -> str:
@@ -135,3 +138,20 @@ class RedisServer:
         """Stop the server and remove its directory."""
         self.stop()
         shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def run_peer(*args: str) -> str:
+    """Run ``tests/remote_peer.py`` with ``args`` in a new process; return what it printed."""
+    root = Path(__file__).resolve().parents[1]
+    path = os.pathsep.join([str(root), str(root / "adapters"), os.environ.get("PYTHONPATH", "")])
+    done = subprocess.run(
+        [sys.executable, str(PEER), *args],
+        env=dict(os.environ, PYTHONPATH=path),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    if done.returncode != 0:
+        pytest.fail(f"remote_peer.py {' '.join(args[:3])} failed:\n{done.stderr}")
+    return done.stdout

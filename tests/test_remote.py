@@ -25,10 +25,9 @@ from kvtest import SMALL_SHAPE, random_bits, require, same_bits, small_pool, to_
 from lmcache import remote
 from lmcache.dtypes import KV_DTYPES
 from lmcache.errors import ConfigError
-from redis_server import HOST, RedisServer, free_port, require_redis
+from redis_server import HOST, RedisServer, free_port, require_redis, run_peer
 
 SHAPE = SMALL_SHAPE
-PEER = Path(__file__).with_name("remote_peer.py")
 
 
 def tier_for(url: str, **kwargs: Any) -> Any:
@@ -407,18 +406,6 @@ def test_rediss_passes_tls_to_the_client() -> None:
 
 
 # -- two processes share chunks ----------------------------------------------------------------------
-def run_peer(*args: str) -> str:
-    """Run ``tests/remote_peer.py`` in a new process; return what it printed."""
-    env = dict(os.environ)
-    root = Path(__file__).resolve().parents[1]
-    env["PYTHONPATH"] = os.pathsep.join([str(root), str(root / "adapters"), env.get("PYTHONPATH", "")])
-    done = subprocess.run(
-        [sys.executable, str(PEER), *args], env=env, capture_output=True, text=True, timeout=120, check=False
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout
-
-
 @pytest.mark.parametrize(("writer", "reader"), [("torch", "jax"), ("numpy", "numpy")])
 def test_two_processes_share_chunks_bit_exactly(redis_server: RedisServer, writer: str, reader: str) -> None:
     require(writer)
