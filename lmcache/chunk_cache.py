@@ -33,6 +33,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from hashlib import blake2b
 from typing import Any
 
@@ -41,7 +42,7 @@ import numpy as np
 from lmcache.arena import check_array, framework_of, host_array_of
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
 from lmcache.registry import load_adapter
-from lmcache.remote import RedisTier
+from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
@@ -408,16 +409,25 @@ class ChunkCache:
         source = self._check_kv(kv, len(ids))
         size = self._chunk_size
         return self._insert(
-            list(self._iter_keys(ids)), len(ids), lambda i: source[:, :, i * size : (i + 1) * size]
+            list(self._iter_keys(ids)),
+            len(ids),
+            lambda i: partial(self._fill_from, source[:, :, i * size : (i + 1) * size]),
         )
 
     def _insert(
-        self, keys: list[bytes], total: int, piece: Callable[[int], Any], *, write_through: bool = True
+        self,
+        keys: list[bytes],
+        total: int,
+        filler: Callable[[int], Callable[[KVObj], bool] | None],
+        *,
+        write_through: bool = True,
     ) -> int:
-        """Cache the chunks of ``keys`` (``total`` tokens), copying ``piece(index)`` into each missing
-        one; stop at the first that gets no slot or whose ``piece`` is None. Return the tokens cached.
+        """Cache the chunks of ``keys`` (``total`` tokens); return the tokens cached afterwards.
 
-        New chunks are queued for the remote tier when ``write_through`` (not when they came from it).
+        For each missing chunk ``index``, ``filler(index)`` (called without the lock) gives a function
+        that writes the chunk into a slot and says whether it did, or None when there are no bytes for
+        it. It stops at the first chunk without bytes, without a slot, or whose fill fails. New chunks
+        are queued for the remote tier when ``write_through`` (not when they came from it).
         """
         chunk_size = self._chunk_size
         chain: list[_Entry] = []
@@ -434,16 +444,23 @@ class ChunkCache:
                         self._pin(entry)
                         chain.append(entry)
                         continue
-                    source = piece(index)
-                    obj = None if source is None else self._take_slot(num_tokens)
+                fill = filler(index)  # may read from the network: not under the lock
+                if fill is None:
+                    break
+                with lock:
+                    obj = self._take_slot(num_tokens)
                 if obj is None:
-                    break  # nothing left to evict, or no bytes for this chunk
+                    break  # nothing left to evict
                 try:
-                    self._copy_in(obj, source)
+                    filled = fill(obj)
                 except BaseException:
                     with lock:
                         self.pool.free(obj)
                     raise
+                if not filled:
+                    with lock:
+                        self.pool.free(obj)
+                    break
                 with lock:
                     entry = entries.get(key)
                     if entry is not None:  # another thread stored the same chunk meanwhile
@@ -504,6 +521,10 @@ class ChunkCache:
             np.copyto(obj.as_numpy(), piece, casting="no")
         else:
             obj.copy_from(piece)
+
+    def _fill_from(self, piece: Any, obj: KVObj) -> bool:
+        self._copy_in(obj, piece)
+        return True
 
     # -- retrieve and lease --------------------------------------------------------------------------
     def retrieve(self, tokens: Any, *, out: Any = None, framework: str | None = None) -> tuple[Any, int]:
@@ -710,8 +731,9 @@ class ChunkCache:
     def _pull(self, ids: np.ndarray, limit: int | None) -> None:
         """Fetch the chunks that follow the local prefix of ``ids`` from the remote tier into local slots.
 
-        Batches of up to the tier's ``batch_bytes`` each take one pipelined round trip; it stops at the
-        first miss, at ``limit`` tokens (an ``out`` of that size), or when no slot can be had.
+        Each batch of up to the tier's ``batch_bytes`` is one pipelined round trip whose payloads are read
+        from the socket straight into the new slots. It stops at the first miss or rejected value, at
+        ``limit`` tokens (an ``out`` of that size), or when no slot can be had.
         """
         tier = self.remote
         if tier is None:
@@ -722,23 +744,32 @@ class ChunkCache:
             total = limit - limit % size  # only chunks that fit in ``out``: more would make retrieve raise
         keys = list(self._iter_keys(ids[:total]))
         per_batch = max(1, tier.batch_bytes // self._layout.chunk_bytes)
-        dtype = self._layout.dtype
         start = local
         while start < len(keys):
-            batch = keys[start : start + per_batch]
-            shapes = self._shapes(ids[:total], start, len(batch))
-            arrays: dict[int, np.ndarray] = {}
-            for offset, payload in enumerate(tier.fetch(self._remote_keys(batch), dtype.name, shapes)):
-                if payload is None:
-                    break
-                arrays[start + offset] = np.frombuffer(payload, dtype.numpy_dtype).reshape(shapes[offset])
-            end = start + len(arrays)
-            wanted = min(total, end * size)
-            if not arrays or self._insert(keys[:end], wanted, arrays.get, write_through=False) < wanted:
-                return
-            if len(arrays) < len(batch):
-                return
+            end = min(len(keys), start + per_batch)
+            shapes = self._shapes(ids[:total], start, end - start)
+            with tier.stream(self._remote_keys(keys[start:end]), self._layout.dtype.name, shapes) as stream:
+
+                def filler(index: int, stream: FetchStream = stream, first: int = start) -> Any:
+                    if index < first or not stream.hit(index - first):
+                        return None  # a local chunk evicted meanwhile, or not on the server
+                    return partial(self._fill_remote, stream)
+
+                wanted = min(total, end * size)
+                if self._insert(keys[:end], wanted, filler, write_through=False) < wanted:
+                    return
             start = end
+
+    def _fill_remote(self, stream: FetchStream, obj: KVObj) -> bool:
+        """Read a chunk from ``stream`` into ``obj``'s slot (a host copy first for device pools)."""
+        if self._host:
+            return stream.read_into(obj.as_numpy())
+        spec = self._layout.dtype
+        host = np.empty(self._layout.view_shape(obj.num_tokens), dtype=spec.numpy_dtype)
+        if not stream.read_into(host):
+            return False
+        obj.copy_from(host)
+        return True
 
     # -- eviction ------------------------------------------------------------------------------------
     def clear(self) -> int:

@@ -143,7 +143,28 @@ def decode_value(key: bytes, value: bytes | memoryview, dtype: str, shape: Seque
     view = memoryview(value).cast("B")
     if view.nbytes < HEADER.size:
         raise RemoteValueError(f"value of {view.nbytes} bytes is shorter than the {HEADER.size}-byte header")
-    magic, version, header_size, nbytes, checksum, name, *stored_shape = HEADER.unpack_from(view)
+    header = view[: HEADER.size]
+    checksum = check_header(header, view.nbytes, dtype, dims)
+    payload = view[HEADER.size :]
+    verify_checksum(key, header, payload, checksum)
+    return payload
+
+
+def check_header(
+    header: bytes | bytearray | memoryview, value_bytes: int, dtype: str, shape: Sequence[int]
+) -> int:
+    """Check a value's header against what the reader expects; return the checksum it records.
+
+    Args:
+        header: the value's first ``HEADER.size`` bytes.
+        value_bytes: the length of the whole value (header and payload).
+        dtype, shape: what the reader expects under this key.
+
+    Raises:
+        RemoteValueError: another magic, version, dtype or shape, or a length that does not match.
+    """
+    dims = _check_shape(shape)
+    magic, version, header_size, nbytes, checksum, name, *stored_shape = HEADER.unpack_from(header)
     if magic != MAGIC:
         raise RemoteValueError("value is not in lmcache's format (magic differs)")
     if version != FORMAT_VERSION or header_size != HEADER.size:
@@ -154,16 +175,25 @@ def decode_value(key: bytes, value: bytes | memoryview, dtype: str, shape: Seque
     if tuple(stored_shape) != dims:
         raise RemoteValueError(f"value has shape {tuple(stored_shape)}, expected {dims}")
     expected = payload_bytes(dtype, dims)
-    if nbytes != expected or view.nbytes != HEADER.size + expected:
+    if nbytes != expected or value_bytes != HEADER.size + expected:
         raise RemoteValueError(
-            f"value has {view.nbytes - HEADER.size} payload bytes (header says {nbytes}), expected {expected}"
+            f"value has {value_bytes - HEADER.size} payload bytes (header says {nbytes}), expected {expected}"
         )
-    blank = bytearray(view[: HEADER.size])
+    return int(checksum)
+
+
+def verify_checksum(
+    key: bytes, header: bytes | bytearray | memoryview, payload: memoryview, checksum: int
+) -> None:
+    """Check ``checksum`` (from :func:`check_header`) over ``key``, ``header`` and ``payload``.
+
+    Raises:
+        RemoteValueError: the checksum does not match.
+    """
+    blank = bytearray(header)
     blank[_CHECKSUM_OFFSET : _CHECKSUM_OFFSET + 8] = bytes(8)
-    payload = view[HEADER.size :]
     if _checksum(key, blank, payload) != checksum:
         raise RemoteValueError("value checksum does not match its bytes")
-    return payload
 
 
 # -- credentials -------------------------------------------------------------------------------------
@@ -289,6 +319,7 @@ class RedisTier:
         _xxh3()
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._response_error: type[BaseException] = redis.ResponseError
+        self._protocol_error: type[Exception] = redis.exceptions.InvalidResponse
         options: dict[str, Any] = {
             "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(connect_timeout),
@@ -524,6 +555,17 @@ class RedisTier:
             self._counts["corrupt"] += corrupt
         return out
 
+    def stream(self, keys: Sequence[bytes], dtype: str, shapes: Sequence[Sequence[int]]) -> FetchStream:
+        """Ask for ``keys`` in one pipelined round trip and return the replies to read in order.
+
+        Unlike :meth:`fetch`, the payloads are not materialized: :meth:`FetchStream.read_into` reads each
+        straight from the socket into the caller's buffer (a pool slot), then checks its checksum. Use
+        it as a context manager (or call ``close()``) to give the connection back.
+        """
+        if len(keys) != len(shapes):
+            raise ConfigError(f"stream got {len(keys)} keys but {len(shapes)} shapes")
+        return FetchStream(self, list(keys), dtype, [_check_shape(s) for s in shapes])
+
     def probe(self, keys: Sequence[bytes], dtype: str, shapes: Sequence[Sequence[int]]) -> list[bool]:
         """Whether each key holds a value of the right length, in one pipelined round trip (``STRLEN``).
 
@@ -654,6 +696,228 @@ class RedisTier:
         return f"RedisTier({self._url!r}, key_prefix={self.key_prefix!r}{ttl}, queue_size={self.queue_size})"
 
 
+class FetchStream:
+    """The replies of one pipelined ``GET`` of several chunks, read in order, payloads into caller buffers.
+
+    For a key at ``index``, :meth:`hit` reads its reply up to the payload and says whether it is a value
+    of the expected dtype, shape and length; then :meth:`read_into` reads the payload straight from the
+    socket into a buffer of the caller's (a pool slot) and checks the checksum. Indices only go forward;
+    replies skipped over are read and dropped. The stream ends (every later call answers False) at the
+    first miss, rejected value or failure; the tier's counters count each. Closing a stream with replies
+    left unread closes its connection, so they can never answer another command.
+
+    Where redis-py exposes no socket (a future version), the replies are read with redis-py instead and
+    copied: the same results, one more copy.
+    """
+
+    def __init__(self, tier: RedisTier, keys: list[bytes], dtype: str, dims: list[tuple[int, ...]]) -> None:
+        self._tier = tier
+        self._keys = keys
+        self._dtype = dtype
+        self._dims = dims
+        self._index = -1  # the reply being read
+        self._consumed = 0  # replies read to their end
+        self._pending = 0  # bytes of the current reply not yet read (payload and CRLF)
+        self._header = bytearray(HEADER.size)
+        self._checksum = 0
+        self._done = not keys or not tier._ready()
+        self._conn: Any = None
+        self._reader: _ReplyReader | None = None
+        self._values: list[Any] | None = None  # the fallback: replies read by redis-py
+        # ValueError: a length line that is not a number, so the replies are out of step
+        self._read_errors: tuple[type[BaseException], ...] = (*tier._redis_errors, ValueError)
+        if self._done:
+            return
+        conn = tier._borrow()
+        try:
+            conn.connect()
+            sock = getattr(conn, "_sock", None)
+            if sock is None or not hasattr(sock, "recv_into"):
+                tier._give_back(conn)
+                self._values = tier._pipelined("GET", keys)
+                return
+            self._conn = conn
+            sock.sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k) for k in keys))
+            self._reader = _ReplyReader(sock)
+        except tier._redis_errors as exc:
+            self._fail(exc, conn)
+
+    def hit(self, index: int) -> bool:
+        """Read the reply for ``keys[index]`` up to its payload (dropping earlier unread replies).
+
+        Returns True when it is a value of this key's dtype, shape and length, whose payload
+        :meth:`read_into` reads next; False for a miss, a rejected value, a failure, or an index at or
+        before one already read (the stream then ends).
+        """
+        if self._done or not self._index < index < len(self._keys):
+            return self._end(None)
+        key, dims = self._keys[index], self._dims[index]
+        try:
+            if self._values is not None:
+                self._index = index
+                value = self._values[index]
+                if value is None or value is WRONG_TYPE or len(value) < HEADER.size:
+                    return self._end("misses" if value is None else "corrupt")
+                self._header[:] = value[: HEADER.size]
+                self._checksum = check_header(self._header, len(value), self._dtype, dims)
+                return True
+            while self._index < index:  # drop what is left of the current reply and of skipped ones
+                self._drop_rest()
+                self._index += 1
+                if self._index < index:
+                    skipped = self._read_length()
+                    if skipped < 0:  # a miss or another type: the line was the whole reply
+                        self._consumed += 1
+                    self._pending = skipped + 2 if skipped >= 0 else 0
+            length = self._read_length()
+            if length < 0:
+                self._consumed += 1
+                return self._end("misses" if length == -1 else "corrupt")
+            self._pending = length + 2
+            if length < HEADER.size:
+                raise RemoteValueError(
+                    f"value of {length} bytes is shorter than the {HEADER.size}-byte header"
+                )
+            self._read(memoryview(self._header))
+            self._checksum = check_header(self._header, length, self._dtype, dims)
+            return True
+        except RemoteValueError as exc:
+            logger.warning("remote value %s rejected: %s", key.decode("ascii", "replace"), exc)
+            return self._end("corrupt")
+        except self._read_errors as exc:
+            self._fail(exc, self._conn)
+            return False
+
+    def read_into(self, destination: Any) -> bool:
+        """Read the payload announced by :meth:`hit` into ``destination`` (a C-contiguous buffer of
+        exactly the chunk's bytes) and check its checksum; True when the bytes there are the chunk's.
+
+        On False the destination holds garbage: do not use it.
+        """
+        if self._done or self._index < 0:
+            return False
+        view = byte_view(destination)
+        key = self._keys[self._index]
+        if view.nbytes != payload_bytes(self._dtype, self._dims[self._index]):
+            raise ConfigError(f"destination has {view.nbytes} bytes; the chunk has a different size")
+        try:
+            if self._values is not None:
+                view[:] = memoryview(self._values[self._index]).cast("B")[HEADER.size :]
+            else:
+                self._read(view)
+                self._drop_rest()  # the reply's closing CRLF
+            verify_checksum(key, self._header, view, self._checksum)
+        except RemoteValueError as exc:
+            logger.warning("remote value %s rejected: %s", key.decode("ascii", "replace"), exc)
+            return self._end("corrupt")
+        except self._tier._redis_errors as exc:
+            self._fail(exc, self._conn)
+            return False
+        with self._tier._lock:
+            self._tier._counts["hits"] += 1
+        self._tier._succeeded()
+        return True
+
+    def close(self) -> None:
+        """End the stream: give the connection back, or close it if replies are left unread."""
+        self._done = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            if self._consumed < len(self._keys):
+                conn.disconnect()  # unread replies would answer the connection's next command
+            self._tier._give_back(conn)
+
+    def _read_length(self) -> int:
+        """Read a reply's first line: the bulk length, -1 for a miss, -2 for a value of another type."""
+        if self._reader is None:
+            raise ConnectionError("the stream has no connection")
+        line = self._reader.line()
+        if line in (b"$-1", b"_"):
+            return -1
+        if line.startswith(b"-WRONGTYPE"):
+            return -2
+        if not line.startswith(b"$"):
+            raise self._tier._protocol_error(f"unexpected reply {line[:40]!r} to GET")
+        return int(line[1:])
+
+    def _read(self, view: memoryview) -> None:
+        if self._reader is None:
+            raise ConnectionError("the stream has no connection")
+        self._reader.read_into(view)
+        self._pending -= view.nbytes
+
+    def _drop_rest(self) -> None:
+        """Read and drop the rest of the current reply (a payload not read, its CRLF)."""
+        if self._pending and self._reader is not None:
+            self._reader.skip(self._pending)
+            self._pending = 0
+            self._consumed += 1
+
+    def _end(self, counter: str | None) -> bool:
+        if counter is not None:
+            with self._tier._lock:
+                self._tier._counts[counter] += 1
+        if not self._done and counter != "corrupt":
+            self._tier._succeeded()
+        self.close()
+        return False
+
+    def _fail(self, exc: BaseException, conn: Any) -> None:
+        if conn is not None:
+            conn.disconnect()
+        self._tier._failed("GET", exc)
+        self.close()
+
+    def __enter__(self) -> FetchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ReplyReader:
+    """Reads RESP replies from a socket: lines through a small buffer, payloads straight into buffers."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def line(self) -> bytes:
+        """The next CRLF-terminated line, without the CRLF."""
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 2]
+                return line
+            self._receive()
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly: first from what is buffered, then from the socket, without a copy."""
+        taken = min(len(self._buffer), view.nbytes)
+        view[:taken] = self._buffer[:taken]
+        del self._buffer[:taken]
+        while taken < view.nbytes:
+            got = self._sock.recv_into(view[taken:])
+            if not got:
+                raise ConnectionError("the server closed the connection mid-reply")
+            taken += got
+
+    def skip(self, count: int) -> None:
+        """Read and drop ``count`` bytes."""
+        scratch = memoryview(bytearray(min(count, 1 << 20)))
+        while count:
+            part = scratch[: min(count, scratch.nbytes)]
+            self.read_into(part)
+            count -= part.nbytes
+
+    def _receive(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection mid-reply")
+        self._buffer += chunk
+
+
 def _finish(write: _Write, sent: bool) -> None:
     """Tell a write's owner what became of it; a failing callback is logged, never propagated."""
     if write.on_done is None:
@@ -667,13 +931,16 @@ def _finish(write: _Write, sent: bool) -> None:
 __all__ = [
     "FORMAT_VERSION",
     "HEADER",
+    "FetchStream",
     "MAGIC",
     "RedisTier",
     "RemoteStats",
     "RemoteValueError",
     "byte_view",
+    "check_header",
     "decode_value",
     "encode_header",
     "payload_bytes",
     "redact_url",
+    "verify_checksum",
 ]

@@ -537,3 +537,110 @@ def test_bench_section_measures_against_raw_commands() -> None:
         assert result.ratio is not None
         assert result.baseline is not None
         assert result.ratio == pytest.approx(result.value / result.baseline)
+
+
+# -- streams: payloads from the socket straight into slots -------------------------------------------
+def test_stream_reads_payloads_into_slots_skipping_replies(redis_server: RedisServer) -> None:
+    chunks = [random_bits(chunk_shape(n), "float16", seed=n) for n in (16, 3, 16, 9)]
+    pool = small_pool("numpy", "float16")
+    with tier_for(redis_server.url) as tier:
+        for i, chunk in enumerate(chunks):
+            if i != 1:
+                assert tier.write(b"s%d" % i, chunk, "float16", chunk.shape)
+        keys = [b"s%d" % i for i in range(4)]
+        shapes = [c.shape for c in chunks]
+        with tier.stream(keys, "float16", shapes) as replies:
+            assert replies.hit(0)  # its payload is never read: hit(2) drops it, and reply 1 (a miss)
+            assert replies.hit(2)
+            obj = pool.allocate(chunks[2])
+            slot = obj.as_numpy()
+            assert replies.read_into(slot)  # straight into the slot
+            assert same_bits(slot, chunks[2])
+            assert replies.hit(3)
+            assert replies.read_into(pool.allocate(chunks[3]).as_numpy())
+            assert not replies.hit(3)  # indices only go forward
+        with tier.stream(keys, "float16", shapes) as replies:
+            assert replies.hit(0)
+            assert replies.read_into(np.empty_like(chunks[0]))
+            assert not replies.hit(1)  # a miss ends the stream
+            assert not replies.hit(2)
+        stats = tier.stats()
+        assert (stats.hits, stats.misses, stats.corrupt, stats.errors) == (3, 1, 0, 0)
+        # the connections were left in step: plain reads still answer correctly
+        assert bytes(tier.fetch([b"s3"], "float16", [chunks[3].shape])[0]) == chunks[3].tobytes()
+
+
+def test_stream_closed_early_leaves_no_reply_behind(redis_server: RedisServer) -> None:
+    chunk = random_bits(SHAPE, "float16")
+    with tier_for(redis_server.url) as tier:
+        for key in (b"a", b"b", b"c"):
+            assert tier.write(key, chunk, "float16", SHAPE)
+        with tier.stream([b"a", b"b", b"c"], "float16", [SHAPE] * 3) as replies:
+            assert replies.hit(0)  # closed with most replies unread: the connection must not be reused
+        for _ in range(3):
+            assert tier.write(b"d", chunk, "float16", SHAPE)
+            with tier.stream([b"d"], "float16", [SHAPE]) as replies:
+                out = np.empty_like(chunk)
+                assert replies.hit(0)
+                assert replies.read_into(out)
+                assert same_bits(out, chunk)
+        assert tier.stats().errors == 0
+
+
+@pytest.mark.parametrize("damage", ["payload", "header", "short", "list"])
+def test_stream_rejects_damaged_values(redis_server: RedisServer, damage: str) -> None:
+    chunk = random_bits(SHAPE, "float16")
+    raw = redis_server.client()
+    with tier_for(redis_server.url) as tier:
+        assert tier.write(b"v", chunk, "float16", SHAPE)
+        assert tier.write(b"w", chunk, "float16", SHAPE)
+        if damage == "payload":
+            raw.setrange(b"v", remote.HEADER.size + 5, b"\x01")
+        elif damage == "header":
+            raw.setrange(b"v", 30, b"\x01")  # the dtype name
+        elif damage == "short":
+            raw.set(b"v", b"tiny")
+        else:
+            raw.delete(b"v")
+            raw.rpush(b"v", b"x")
+        out = np.zeros_like(chunk)
+        with tier.stream([b"v", b"w"], "float16", [SHAPE, SHAPE]) as replies:
+            assert not (replies.hit(0) and replies.read_into(out))
+            assert not replies.hit(1)  # the stream ended at the rejected value
+        assert tier.stats().corrupt == 1
+        assert bytes(tier.fetch([b"w"], "float16", [SHAPE])[0]) == chunk.tobytes()
+
+
+def test_stream_with_the_server_down_misses_and_counts() -> None:
+    with tier_for(f"redis://{HOST}:{free_port()}/0") as tier:
+        with tier.stream([b"a"], "float16", [SHAPE]) as replies:
+            assert not replies.hit(0)
+            assert not replies.read_into(np.empty(SHAPE, np.float16))
+        assert tier.stats().errors == 1
+
+
+def test_stream_falls_back_to_redis_py_without_a_socket(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunks = [random_bits(chunk_shape(n), "float16", seed=n) for n in (16, 5)]
+    with tier_for(redis_server.url) as tier:
+        for i, chunk in enumerate(chunks):
+            assert tier.write(b"f%d" % i, chunk, "float16", chunk.shape)
+
+        class NoSocket:  # what a redis-py without a `_sock` attribute would hand out
+            def connect(self) -> None:
+                pass
+
+            def disconnect(self) -> None:
+                pass
+
+        monkeypatch.setattr(tier, "_borrow", NoSocket)
+        monkeypatch.setattr(tier, "_give_back", lambda conn: None)
+        keys, shapes = [b"f0", b"f1", b"f2"], [chunks[0].shape, chunks[1].shape, SHAPE]
+        with tier.stream(keys, "float16", shapes) as replies:
+            assert replies.hit(1)
+            out = np.empty_like(chunks[1])
+            assert replies.read_into(out)
+            assert same_bits(out, chunks[1])
+            assert not replies.hit(2)
+        assert (tier.stats().hits, tier.stats().misses) == (1, 1)

@@ -238,3 +238,15 @@ def test_two_processes_share_a_prompt_through_caches(
     run_peer("cache", "write", writer, redis_server.url, "bfloat16")
     reply = run_peer("cache", "read", reader, redis_server.url, "bfloat16")
     assert reply.strip() == "ok 39"  # every token of the peer's 39-token prompt, bit-exact
+
+
+def test_read_through_in_many_batches(redis_server: RedisServer) -> None:
+    kv = prefix_kv(PROMPT)
+    with tier_for(redis_server.url) as tier, tier_for(redis_server.url, batch_bytes=1) as small:
+        ChunkCache(cache_pool(), remote=tier).store(PROMPT, kv)
+        assert tier.flush(5.0)
+        reader = ChunkCache(cache_pool(), remote=small)  # one chunk per round trip
+        out, n = reader.retrieve(PROMPT)
+        assert n == len(PROMPT)
+        assert same_bits(out, kv)
+        assert small.stats().hits == CHUNKS
