@@ -9,7 +9,8 @@ baselines taken in the same run with the same redis-py client and server:
   a pool slot, then checked, as ``ChunkCache`` reads through) against a raw ``GET`` of the same bytes;
   target >= 0.8x;
 - a pipelined probe of 128 chunks (:meth:`~lmcache.remote.RedisTier.probe`: one round trip), against one
-  ``PING`` round trip, for scale.
+  ``PING`` round trip, for scale; and ``ChunkCache.lookup`` of a 128-chunk prompt that only the server
+  holds, against the same lookup with the chunks local.
 
 Each runs for 256 KiB and 32 MiB chunks. The section returns nothing where redis-py, xxhash or
 ``redis-server`` is missing.
@@ -88,11 +89,51 @@ def bench_remote(opts: Options) -> list[Result]:
     from lmcache.remote import RedisTier
 
     results: list[Result] = []
-    with loopback_server() as url, RedisTier(url, key_prefix="bench:", socket_timeout=30.0) as tier:
+    with (
+        loopback_server() as url,
+        RedisTier(url, key_prefix="bench:", socket_timeout=30.0, queue_size=1024) as tier,
+    ):
         for label, shape in SHAPES.items():
             results.extend(_bench_chunk(tier, label, shape, opts))
         results.append(_bench_probe(tier, opts))
+        results.append(_bench_cache_lookup(tier, opts))
     return results
+
+
+def _bench_cache_lookup(tier: Any, opts: Options) -> Result:
+    """``ChunkCache.lookup`` of a 128-chunk prompt held only by the server, against the same lookup in
+    the cache that holds it locally (hashing and dict walk, no network)."""
+    from lmcache.chunk_cache import ChunkCache
+
+    shape = (1, 2, 256, 1, 8)  # 8 KiB chunks: a lookup reads lengths, not payloads
+    tokens = list(range(PROBE_CHUNKS * shape[2]))
+    slots_gib = (PROBE_CHUNKS + 1) * math.prod(shape) * 2 / 2**30
+    local = ChunkCache(_pool("numpy", shape, "bfloat16", slots_gib), namespace="bench-lookup", remote=tier)
+    remote_only = ChunkCache(
+        _pool("numpy", shape, "bfloat16", slots_gib), namespace="bench-lookup", remote=tier
+    )
+    kv = np.zeros((*shape[:2], len(tokens), *shape[3:]), dtype=local.pool.layout.dtype.numpy_dtype)
+    if local.store(tokens, kv) != len(tokens) or not local.flush(30.0):
+        raise RuntimeError(f"the lookup benchmark could not store its prompt: {local.stats()}")
+    if remote_only.lookup(tokens) != len(tokens):
+        raise RuntimeError(f"the server does not hold the prompt: {remote_only.stats()}")
+    best = _best(
+        {
+            "remote": _timed(lambda: remote_only.lookup(tokens), 20),
+            "local": _timed(lambda: local.lookup(tokens), 20),
+        },
+        opts.repeat,
+    )
+    tier.client.delete(*(tier.key("bench-lookup", key) for key in local.keys(tokens)))
+    return Result(
+        f"ChunkCache.lookup of {PROBE_CHUNKS} chunks held only by the server",
+        "numpy",
+        best["remote"] * 1e3,
+        "ms",
+        best["local"] * 1e3,
+        "the same lookup, chunks local (ms)",
+        note="keys hashed, then one pipelined STRLEN round trip",
+    )
 
 
 def _bench_chunk(tier: Any, label: str, shape: tuple[int, int, int, int, int], opts: Options) -> list[Result]:

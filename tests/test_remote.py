@@ -531,6 +531,7 @@ def test_bench_section_measures_against_raw_commands() -> None:
         "remote put (32 MiB chunk)",
         "remote get (32 MiB chunk)",
         "remote probe of 128 chunks, one pipelined round trip",
+        "ChunkCache.lookup of 128 chunks held only by the server",
     ]
     for result in results[:4]:
         assert result.target == 0.8
@@ -644,3 +645,5 @@ def test_stream_falls_back_to_redis_py_without_a_socket(
             assert same_bits(out, chunks[1])
             assert not replies.hit(2)
         assert (tier.stats().hits, tier.stats().misses) == (1, 1)
+        assert tier.probe(keys, "float16", shapes) == [True, True, False]
+        assert tier.stats().errors == 0
