@@ -14,6 +14,9 @@ from typing import Any
 import numpy as np
 import pytest
 from cachetest import CHUNK, cache_pool, prefix_kv
+from hypothesis import settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 from test_remote import run_peer
 
 from kvtest import require, same_bits, to_native
@@ -250,3 +253,87 @@ def test_read_through_in_many_batches(redis_server: RedisServer) -> None:
         assert n == len(PROMPT)
         assert same_bits(out, kv)
         assert small.stats().hits == CHUNKS
+
+
+# -- two caches, one server: a model ------------------------------------------------------------------
+prompts = st.builds(
+    lambda letters, tail: [
+        *(letter * 1000 + j for letter in letters for j in range(CHUNK)),
+        *(9000 + j for j in range(tail)),
+    ],
+    st.lists(st.integers(0, 2), min_size=0, max_size=4),
+    st.integers(0, CHUNK - 1),
+).filter(bool)
+
+
+class SharedServerModel(RuleBasedStateMachine):
+    """Two caches (small pools) share one server. Every chunk stored by either is written through, so
+    after a flush either cache finds, locally or remotely, exactly the prefixes ever stored, with the
+    bytes that were stored, whatever each has evicted or cleared locally."""
+
+    server: RedisServer
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.server.client().flushall()
+        self.tier = tier_for(self.server.url)
+        self.caches = [
+            ChunkCache(cache_pool(slots=6), namespace="shared", remote=self.tier) for _ in range(2)
+        ]
+        self.stored: set[tuple[int, ...]] = set()  # every chunk prefix ever stored
+
+    def expected(self, tokens: list[int]) -> int:
+        hit = 0
+        for end in range(CHUNK, len(tokens) + CHUNK, CHUNK):
+            end = min(end, len(tokens))
+            if tuple(tokens[:end]) not in self.stored:
+                break
+            hit = end
+        return hit
+
+    @rule(which=st.integers(0, 1), tokens=prompts)
+    def store(self, which: int, tokens: list[int]) -> None:
+        assert self.caches[which].store(tokens, prefix_kv(tokens)) == len(tokens)
+        assert self.caches[which].flush(5.0)
+        self.stored.update(
+            tuple(tokens[: min(end, len(tokens))]) for end in range(CHUNK, len(tokens) + CHUNK, CHUNK)
+        )
+
+    @rule(which=st.integers(0, 1), tokens=prompts)
+    def lookup(self, which: int, tokens: list[int]) -> None:
+        assert self.caches[which].lookup(tokens) == self.expected(tokens)
+
+    @rule(which=st.integers(0, 1), tokens=prompts)
+    def retrieve(self, which: int, tokens: list[int]) -> None:
+        out, n = self.caches[which].retrieve(tokens)
+        assert n == self.expected(tokens)
+        if n:
+            assert same_bits(out, prefix_kv(tokens[:n]))
+
+    @rule(which=st.integers(0, 1), tokens=prompts)
+    def lease(self, which: int, tokens: list[int]) -> None:
+        with self.caches[which].lease(tokens) as lease:
+            assert lease.num_tokens == self.expected(tokens)
+            if lease.chunks:
+                data = np.concatenate([chunk.as_numpy() for chunk in lease.chunks], axis=2)
+                assert same_bits(data, prefix_kv(tokens[: lease.num_tokens]))
+
+    @rule(which=st.integers(0, 1))
+    def clear(self, which: int) -> None:
+        self.caches[which].clear()
+
+    @invariant()
+    def nothing_rejected_or_failed(self) -> None:
+        stats = self.tier.stats()
+        assert (stats.errors, stats.dropped, stats.corrupt, stats.pending) == (0, 0, 0, 0)
+        assert all(cache.stats().pinned == 0 for cache in self.caches)
+
+    def teardown(self) -> None:
+        self.tier.close()
+
+
+def test_two_caches_share_one_server(redis_server: RedisServer) -> None:
+    SharedServerModel.server = redis_server
+    run_state_machine_as_test(
+        SharedServerModel, settings=settings(max_examples=25, stateful_step_count=15, deadline=None)
+    )
