@@ -500,7 +500,7 @@ def test_tier_state_machine(redis_server: RedisServer) -> None:
 # -- isolation and the benchmark section -------------------------------------------------------------
 def test_importing_the_module_imports_no_client_library() -> None:
     code = (
-        "import sys, lmcache.remote, lmcache.bench_remote; "
+        "import sys, lmcache.remote, lmcache.bench_remote, lmcache.chunk_cache; "
         "bad = [m for m in ('redis', 'xxhash', 'torch', 'jax') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
