@@ -7,6 +7,7 @@ chunks through the server.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -337,3 +338,73 @@ def test_two_caches_share_one_server(redis_server: RedisServer) -> None:
     run_state_machine_as_test(
         SharedServerModel, settings=settings(max_examples=25, stateful_step_count=15, deadline=None)
     )
+
+
+def test_slow_server_answers_from_local_memory(redis_server: RedisServer) -> None:
+    kv = prefix_kv(PROMPT)
+    with tier_for(redis_server.url, socket_timeout=0.3) as tier:
+        cache = ChunkCache(cache_pool(), remote=tier)
+        cache.store(PROMPT[:CHUNK], kv[:, :, :CHUNK])
+        assert cache.flush(5.0)
+        redis_server.pause()  # connections stay open; nothing is answered
+        try:
+            start = time.monotonic()
+            assert cache.lookup(PROMPT) == CHUNK
+            out, n = cache.retrieve(PROMPT)
+            assert n == CHUNK
+            assert same_bits(out, kv[:, :, :CHUNK])
+            assert cache.store(PROMPT, kv) == len(PROMPT)
+            tier.close(timeout=0.2)
+            assert time.monotonic() - start < 3  # each remote wait is bounded by socket_timeout
+        finally:
+            redis_server.resume()
+        assert cache.stats().remote_errors >= 1
+
+
+def test_close_closes_only_a_tier_the_cache_made(redis_server: RedisServer) -> None:
+    kv = prefix_kv(PROMPT)
+    with tier_for(redis_server.url) as tier:
+        shared = ChunkCache(cache_pool(), remote=tier)
+        shared.close()  # the tier is the caller's: still open
+        assert shared.store(PROMPT, kv) == len(PROMPT)
+        assert shared.flush(5.0)
+        assert tier.stats().writes == CHUNKS
+    owner = ChunkCache(cache_pool(), remote=redis_server.url)
+    assert owner.remote is not None
+    owner.close()
+    other = [4 * i for i in range(CHUNK)]
+    assert owner.store(other, prefix_kv(other)) == CHUNK  # local still works; the write is dropped
+    assert owner.stats().remote_dropped == 1
+    assert owner.stats().pinned == 0
+
+
+def test_threads_share_a_server_without_wrong_bytes(redis_server: RedisServer) -> None:
+    prompts = [[1000 * t + i for i in range(2 * CHUNK + t)] for t in range(4)]
+    errors: list[BaseException] = []
+    with tier_for(redis_server.url) as tier:
+        writer = ChunkCache(cache_pool(slots=16), remote=tier)
+        reader = ChunkCache(cache_pool(slots=6), remote=tier)  # small: read-through evicts as it goes
+
+        def work(tokens: list[int]) -> None:
+            try:
+                kv = prefix_kv(tokens)
+                for _ in range(5):
+                    writer.store(tokens, kv)
+                    writer.flush(5.0)
+                    out, n = reader.retrieve(tokens)
+                    if n and not same_bits(out, kv[:, :, :n]):
+                        raise AssertionError(f"wrong bytes for {n} tokens")
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the main thread by the assert
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(p,)) for p in prompts]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert not errors, errors
+        for tokens in prompts:
+            out, n = reader.retrieve(tokens)
+            assert n == len(tokens)
+            assert same_bits(out, prefix_kv(tokens))
+        assert (tier.stats().corrupt, tier.stats().errors) == (0, 0)
