@@ -1,8 +1,9 @@
 """A real ``redis-server`` for the remote tier's tests, on a free 127.0.0.1 port, persistence off.
 
-:func:`require_redis` is the suite's one way to skip these tests, in the style of :func:`kvtest.require`:
-where ``LMCACHE_REQUIRE_BACKENDS`` names ``redis`` (the nox ``remote`` session), a missing redis-py,
-xxhash or ``redis-server`` fails the test instead of skipping it.
+:func:`require_redis` (and :func:`require_client`, for tests that need no server) are the suite's one
+way to skip these tests, in the style of :func:`kvtest.require`: where ``LMCACHE_REQUIRE_BACKENDS`` names
+``redis`` (the nox ``remote`` session), a missing redis-py, xxhash or ``redis-server`` fails the test
+instead of skipping it.
 """
 
 from __future__ import annotations
@@ -28,18 +29,23 @@ PEER = Path(__file__).with_name("remote_peer.py")
 
 
 def require_redis() -> str:
-    """Import redis-py and xxhash and find ``redis-server``; return its path (skip or fail if absent)."""
-    for module in ("redis", "xxhash"):
-        if importlib.util.find_spec(module) is None:
-            if "redis" in REQUIRED:
-                pytest.fail(f"{module} is required in this session (LMCACHE_REQUIRE_BACKENDS) but missing")
-            pytest.skip(f"{module} is not installed (pip install 'lmcache-mempool[redis]')")
+    """Check for redis-py and xxhash and find ``redis-server``; return its path (skip or fail if absent)."""
+    require_client()
     path = os.environ.get("LMCACHE_REDIS_SERVER") or shutil.which("redis-server")
     if path is None:
         if "redis" in REQUIRED:
             pytest.fail("redis-server is required in this session (LMCACHE_REQUIRE_BACKENDS) but missing")
         pytest.skip("redis-server is not installed (apt-get install redis-server)")
     return path
+
+
+def require_client() -> None:
+    """Check for redis-py and xxhash (the ``redis`` extra): skip if absent, fail where required."""
+    for module in ("redis", "xxhash"):
+        if importlib.util.find_spec(module) is None:
+            if "redis" in REQUIRED:
+                pytest.fail(f"{module} is required in this session (LMCACHE_REQUIRE_BACKENDS) but missing")
+            pytest.skip(f"{module} is not installed (pip install 'lmcache-mempool[redis]')")
 
 
 def free_port() -> int:

@@ -25,7 +25,7 @@ from kvtest import SMALL_SHAPE, random_bits, require, same_bits, small_pool, to_
 from lmcache import remote
 from lmcache.dtypes import KV_DTYPES
 from lmcache.errors import ConfigError
-from redis_server import HOST, RedisServer, free_port, require_redis, run_peer
+from redis_server import HOST, RedisServer, free_port, require_client, require_redis, run_peer
 
 SHAPE = SMALL_SHAPE
 
@@ -59,7 +59,7 @@ def encoded(key: bytes, payload: np.ndarray, dtype: str) -> bytes:
 
 @pytest.mark.parametrize("dtype", sorted(KV_DTYPES))
 def test_format_round_trip_is_exact(dtype: str) -> None:
-    require("xxhash")
+    require_client()
     payload = random_bits(chunk_shape(5), dtype, seed=3)
     value = encoded(b"k1", payload, dtype)
     assert len(value) == remote.HEADER.size + payload.nbytes
@@ -92,7 +92,7 @@ def test_byte_view_is_the_array_memory() -> None:
     ],
 )
 def test_format_rejects_every_mismatch(case: str, reason: str) -> None:
-    require("xxhash")
+    require_client()
     payload = random_bits(chunk_shape(4), "float16")
     value = bytearray(encoded(b"key", payload, "float16"))
     key, dtype, shape = b"key", "float16", payload.shape
@@ -121,7 +121,7 @@ def test_format_rejects_every_mismatch(case: str, reason: str) -> None:
 @settings(max_examples=60, deadline=None)
 @given(position=st.integers(0, remote.HEADER.size + 2 * 2 * 4 * 2 * 8 * 2 - 1), bit=st.integers(0, 7))
 def test_format_rejects_any_single_bit_flip(position: int, bit: int) -> None:
-    require("xxhash")
+    require_client()
     payload = random_bits(chunk_shape(4), "float16", seed=1)
     value = bytearray(encoded(b"key", payload, "float16"))
     value[position] ^= 1 << bit
@@ -130,7 +130,7 @@ def test_format_rejects_any_single_bit_flip(position: int, bit: int) -> None:
 
 
 def test_encode_checks_its_arguments() -> None:
-    require("xxhash")
+    require_client()
     view = remote.byte_view(random_bits(chunk_shape(4), "float16"))
     with pytest.raises(ConfigError, match="needs"):
         remote.encode_header(b"k", view, "float16", chunk_shape(3))
