@@ -689,9 +689,11 @@ class RedisTier:
     def close(self, timeout: float = 1.0) -> None:
         """Flush for at most ``timeout`` seconds, then stop the writer and drop what is still queued.
 
-        Returns within about ``timeout`` seconds plus ``socket_timeout`` even when the server is gone or
-        hangs: a write still in flight after that is cut off by closing its connection. Idempotent.
+        Returns within about ``timeout`` seconds (plus half a second at most) even when the server is
+        gone or hangs: a write still in flight at the deadline is cut off by closing its connection.
+        Idempotent.
         """
+        deadline = time.monotonic() + timeout
         if not self._closed:
             self.flush(timeout)
         with self._lock:
@@ -703,11 +705,11 @@ class RedisTier:
         for write in dropped:
             _finish(write, False)
         if threading.current_thread() is not self._writer:
-            self._writer.join(timeout)
+            self._writer.join(max(0.0, deadline - time.monotonic()))
             stuck = self._writer_connection
             if self._writer.is_alive() and stuck is not None:
-                stuck.disconnect()  # unblocks a send to a server that stopped reading
-                self._writer.join(timeout)
+                stuck.disconnect()  # a send or read blocked on a hung server fails at once
+                self._writer.join(0.5)
         with self._lock:
             spare, self._spare = self._spare, []
         try:

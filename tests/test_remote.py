@@ -647,3 +647,22 @@ def test_stream_falls_back_to_redis_py_without_a_socket(
         assert (tier.stats().hits, tier.stats().misses) == (1, 1)
         assert tier.probe(keys, "float16", shapes) == [True, True, False]
         assert tier.stats().errors == 0
+
+
+def test_close_cuts_off_a_write_stuck_on_a_hung_server(redis_server: RedisServer) -> None:
+    big = np.zeros(64 << 20, np.uint8)  # far more than the socket buffers: the send blocks
+    shape = (64, 2, 256, 8, 256)
+    done: list[bool] = []
+    tier = tier_for(redis_server.url, socket_timeout=30.0)  # a send would wait 30 s on its own
+    try:
+        assert tier.write(b"warm", big[:4096], "uint8", (1, 2, 16, 8, 16))
+        redis_server.pause()
+        tier.submit(b"big", big, "uint8", shape, done.append)
+        assert wait_until(lambda: tier.stats().pending == 1 and not tier.flush(0.01), 5)
+        start = time.monotonic()
+        tier.close(timeout=0.2)
+        assert time.monotonic() - start < 1.5
+        assert wait_until(lambda: done == [False], 5)
+        assert tier.stats().dropped == 1
+    finally:
+        redis_server.resume()
