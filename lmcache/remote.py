@@ -653,7 +653,12 @@ class RedisTier:
             self._delay = min(self._backoff_max, max(self._backoff_initial, self._delay * 2))
             self._retry_at = time.monotonic() + self._delay * random.uniform(0.5, 1.0)
             delay = self._delay
+            # idle connections went to the same server: after a restart they are all dead, and each
+            # would fail once more; dropped now, they reconnect on their next use
+            stale, self._spare = self._spare, []
             self._changed.notify_all()
+        for conn in stale:
+            conn.disconnect()
         level = logging.WARNING if was_connected or delay == self._backoff_initial else logging.DEBUG
         logger.log(
             level,
