@@ -214,11 +214,11 @@ def test_batches_build_handles_lazily_and_mix_with_single_frees(backend: str) ->
         batch = pool.allocate_batch(chunks)
         assert isinstance(batch, KVBatch)
         assert len(batch) == 3
-        assert batch.num_tokens == [16, 3, 9]
+        assert batch.num_tokens == (16, 3, 9)
         assert batch._objs is None  # nothing built yet
         assert batch[-1] is batch[2]
         assert [obj.num_tokens for obj in batch] == [16, 3, 9]
-        assert [obj.chunk_idx for obj in batch[0:2]] == batch.chunk_idx[:2]
+        assert tuple(obj.chunk_idx for obj in batch[0:2]) == batch.chunk_idx[:2]
         for obj, chunk in zip(batch, chunks, strict=True):
             obj.copy_from(chunk)
             assert same_bits(obj.data, chunk)
