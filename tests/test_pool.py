@@ -1,4 +1,4 @@
-"""The seed API end to end, on every backend: the foundation scenario and the pool's contract."""
+"""The LMCache v0 API end to end, on every backend: the foundation scenario and the pool's contract."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _chunk(backend: str, tokens: int) -> Any:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype=ml_dtypes.bfloat16), shape, (0,) * 5)
 
 
-def test_seed_module_paths() -> None:
+def test_lmcache_v0_module_paths() -> None:
     assert base_pool.BasePool is BasePool
     assert base_pool.KVObj is KVObj
     for cls in (LocalPool, LocalCPUPool, LocalGPUPool, LocalCPUBufferPool):
@@ -57,7 +57,7 @@ def test_seed_module_paths() -> None:
     assert issubclass(LocalPool, BasePool)
 
 
-def test_kvobj_constructs_like_the_seed() -> None:
+def test_kvobj_constructs_like_lmcache_v0() -> None:
     data = np.zeros((1, 2, 3, 1, 1))
     obj = KVObj(7, 4096, data)
     assert (obj.chunk_idx, obj.size, obj.data, obj.num_tokens, obj.pool) == (7, 4096, data, 3, None)
