@@ -80,8 +80,10 @@ class HostArena:
     The bytes are one page-aligned ``uint8`` numpy array, committed lazily. ``typed`` and ``bits`` are
     ``(num_slots, slot_elems)`` views of it as the element type (ml_dtypes for bf16 / fp8) and as an
     unsigned int of the same size. Subclasses only say how to turn host bits into their framework's
-    array (:meth:`_native`). Every view handed out is new, so no owner's changes to a view object reach
-    another owner; copies go through the source's or destination's adapter.
+    array (:meth:`_native`) and how to alias one (:meth:`_alias`). The arena keeps one view per slot
+    (for the slot's last token count), never handed out itself: each caller gets a new alias of it, so
+    no owner's changes to its view object reach another owner, and making one costs a fraction of making
+    a view. Copies go through the source's or destination's adapter.
     """
 
     backend = "numpy"
@@ -103,6 +105,8 @@ class HostArena:
         self.typed = self.host.view(spec.numpy_dtype).reshape(num_slots, layout.slot_elems)
         self.bits = self.host.view(spec.bits_dtype).reshape(num_slots, layout.slot_elems)
         self._token_elems = layout.token_elems
+        # Per slot: (tokens, native view) kept for aliasing; never handed out.
+        self._kept: list[tuple[int, Any] | None] = [None] * num_slots
 
     # -- views -------------------------------------------------------------------------------------
     def host_view(self, slot: int, num_tokens: int, bits: bool = False) -> np.ndarray:
@@ -111,11 +115,18 @@ class HostArena:
         return rows[slot, : num_tokens * self._token_elems].reshape(self.layout.view_shape(num_tokens))
 
     def view(self, slot: int, num_tokens: int) -> Any:
-        """Return a new native view of a chunk (numpy here; subclasses convert)."""
-        return self._native(self.host_view(slot, num_tokens, bits=True))
+        """Return a new native view of a chunk: an alias of the view kept for the slot."""
+        kept = self._kept[slot]
+        if kept is None or kept[0] != num_tokens:
+            kept = self._kept[slot] = (num_tokens, self._native(self.host_view(slot, num_tokens, bits=True)))
+        return self._alias(kept[1])
 
     def _native(self, bits: np.ndarray) -> Any:
         return bits.view(self.layout.dtype.numpy_dtype)
+
+    def _alias(self, view: Any) -> Any:
+        """A new array object over the same memory, sharing no object state with ``view``."""
+        return view.view()
 
     def whole(self) -> Any:
         """Return the whole arena as a new native ``(num_slots, slot_elems)`` array."""
@@ -143,7 +154,8 @@ class HostArena:
         return load_adapter(framework).clone(self.export(slot, num_tokens, framework))
 
     def close(self) -> None:
-        """Nothing to release: memory lives on while any view of it does."""
+        """Drop the kept views; memory lives on while any view of it does."""
+        self._kept = [None] * self.num_slots
 
 
 __all__ = ["Arena", "HostArena"]

@@ -21,7 +21,7 @@ import ctypes.util
 import glob
 import os
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,6 @@ class JaxCPUArena(HostArena):
 
     def __init__(self, layout: SlotLayout, num_slots: int, *, host: np.ndarray | None = None) -> None:
         super().__init__(layout, num_slots, host=host)
-        self._views: list[tuple[int, jax.Array] | None] = [None] * num_slots
         self._whole_view: jax.Array | None = None
 
     def _native(self, bits: np.ndarray) -> jax.Array:
@@ -76,11 +75,11 @@ class JaxCPUArena(HostArena):
 
     def view(self, slot: int, num_tokens: int) -> jax.Array:
         """Return the jax.Array view of a chunk: the kept one if pristine, else a new one."""
-        cached = self._views[slot]
-        if cached is not None and cached[0] == num_tokens and _pristine(cached[1]):
-            return cached[1]
+        kept = self._kept[slot]
+        if kept is not None and kept[0] == num_tokens and _pristine(kept[1]):
+            return cast(jax.Array, kept[1])
         view = self._native(self.host_view(slot, num_tokens, bits=True))
-        self._views[slot] = (num_tokens, view)
+        self._kept[slot] = (num_tokens, view)
         return view
 
     def whole(self) -> jax.Array:
@@ -92,7 +91,7 @@ class JaxCPUArena(HostArena):
 
     def close(self) -> None:
         """Drop the kept views; memory lives on while any view of it does."""
-        self._views = [None] * self.num_slots
+        super().close()
         self._whole_view = None
 
 

@@ -40,20 +40,29 @@ def torch_dtype(spec: DTypeSpec) -> torch.dtype:
 
 
 class _Views:
-    """Makes contiguous ``(L, 2, n, H, D)`` views of slots of a 2-D torch arena.
+    """Makes contiguous ``(L, 2, n, H, D)`` views of slots of a 2-D CUDA arena, one owner at a time.
 
-    Each view is made from a new detached alias of the arena, so it shares no autograd or metadata state
-    with the arena or any other view: an owner's ``copy_`` from a tensor that requires grad, ``set_`` or
-    ``unsqueeze_`` stays with that owner's view.
+    One view per slot (for its last token count) is kept and never handed out; each caller gets a
+    ``detach()`` of it: a new tensor over the same memory that shares no autograd or metadata state with
+    the kept view, the arena or any other owner's view. So an owner's ``copy_`` from a tensor that requires
+    grad, ``set_`` or ``unsqueeze_`` stays with its own tensor, and handing out a view costs one
+    ``detach`` (about a third of making a view with ``as_strided``).
     """
 
-    def __init__(self, whole: torch.Tensor, layout: SlotLayout) -> None:
+    def __init__(self, whole: torch.Tensor, layout: SlotLayout, num_slots: int) -> None:
         self._whole = whole
         self._layout = layout
         self._slot_elems = layout.slot_elems
         self._strides: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._kept: list[tuple[int, torch.Tensor] | None] = [None] * num_slots
 
     def view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        kept = self._kept[slot]
+        if kept is None or kept[0] != num_tokens:
+            kept = self._kept[slot] = (num_tokens, self._make(slot, num_tokens))
+        return kept[1].detach()
+
+    def _make(self, slot: int, num_tokens: int) -> torch.Tensor:
         geometry = self._strides.get(num_tokens)
         if geometry is None:
             shape = self._layout.view_shape(num_tokens)
@@ -90,7 +99,6 @@ class TorchCPUArena(HostArena):
         self._dtype = torch_dtype(layout.dtype)
         whole = torch.from_numpy(self.host).view(self._dtype).view(num_slots, layout.slot_elems)
         self._whole = whole
-        self._views = _Views(whole, layout)
         self._unpin: Any = None
         if pin_memory:
             self._pin()
@@ -110,20 +118,21 @@ class TorchCPUArena(HostArena):
         self.pinned = True
         self._unpin = weakref.finalize(self, _unregister, self.base_address)
 
-    def view(self, slot: int, num_tokens: int) -> torch.Tensor:
-        """Return the tensor view of a chunk."""
-        return self._views.view(slot, num_tokens)
-
     def _native(self, bits: np.ndarray) -> torch.Tensor:
         tensor: torch.Tensor = torch.from_numpy(bits).view(self._dtype)
         return tensor
+
+    def _alias(self, view: Any) -> torch.Tensor:
+        """A ``detach()``: a new tensor over the same memory with no autograd or metadata link."""
+        return view.detach()  # type: ignore[no-any-return]
 
     def whole(self) -> torch.Tensor:
         """Return the whole arena as a new ``(num_slots, slot_elems)`` tensor (a detached alias)."""
         return self._whole.detach()
 
     def close(self) -> None:
-        """Unpin the arena (its memory stays valid for outstanding views)."""
+        """Unpin the arena (its memory stays valid for outstanding views) and drop the kept views."""
+        super().close()
         if self._unpin is not None:
             self._unpin()
             self.pinned = False
@@ -152,7 +161,7 @@ class TorchCUDAArena:
         raw = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self._whole = raw.view(self._dtype).view(num_slots, layout.slot_elems)
         self.base_address = int(raw.data_ptr())
-        self._views = _Views(self._whole, layout)
+        self._views = _Views(self._whole, layout, num_slots)
 
     def view(self, slot: int, num_tokens: int) -> torch.Tensor:
         """Return the CUDA tensor view of a chunk."""
