@@ -47,7 +47,7 @@ class ChunkChecker:
                 self.shapes[num_tokens] = shape
         return shape
 
-    def tokens_of(self, kv_chunk: Any) -> int:
+    def check_chunk(self, kv_chunk: Any) -> int:
         """Check the shape (and dtype, if any) of an array-like and return its token count.
 
         Raises:
@@ -108,7 +108,7 @@ class ChunkChecker:
             src = self._import_producer(src, what)
             framework = framework_of(src)
         if num_tokens is None:
-            num_tokens = self.tokens_of(src)
+            num_tokens = self.check_chunk(src)
         self._check_shape_dtype(src, num_tokens, what)
         load_adapter(framework).check_source(src)
         return framework, src, num_tokens

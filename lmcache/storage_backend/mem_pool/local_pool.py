@@ -156,7 +156,7 @@ class LocalPool(BasePool):
         except (AttributeError, TypeError, IndexError, ValueError):
             fast = False
         if not fast:
-            num_tokens = self._checker.tokens_of(kv_chunk)
+            num_tokens = self._checker.check_chunk(kv_chunk)
         taken = self._acquire_one()
         if taken is None:
             return None
@@ -200,14 +200,14 @@ class LocalPool(BasePool):
             raise ChunkTypeError(f"allocate_batch takes a sequence of arrays, got {type(kv_chunks).__name__}")
         chunks = list(kv_chunks)
         if chunks and all(map(operator.is_, chunks, repeat(chunks[0]))):  # one chunk many times: check once
-            tokens = [self._checker.tokens_of(chunks[0])] * len(chunks)
+            tokens = [self._checker.check_chunk(chunks[0])] * len(chunks)
         else:
             checked: dict[int, int] = {}  # id(chunk) -> tokens
             tokens = []
             for chunk in chunks:
                 n = checked.get(id(chunk))
                 if n is None:
-                    n = checked[id(chunk)] = self._checker.tokens_of(chunk)
+                    n = checked[id(chunk)] = self._checker.check_chunk(chunk)
                 tokens.append(n)
         taken = self._allocator.acquire_many(len(tokens))
         if taken is None:
@@ -488,7 +488,7 @@ class LocalCPUBufferPool(LocalCPUPool):
             raise ConfigError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         if timeout == 0:
             return super().allocate(kv_chunk)
-        num_tokens = self._checker.tokens_of(kv_chunk)
+        num_tokens = self._checker.check_chunk(kv_chunk)
         deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
         allocator = self._allocator
         with self._slot_freed:
