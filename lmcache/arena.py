@@ -74,6 +74,13 @@ class Arena(Protocol):
         ...
 
 
+def host_array_of(array: Any, framework: str) -> np.ndarray:
+    """Return an array's values as a numpy array: a view where the array is in host memory (numpy,
+    torch CPU, JAX CPU, bf16 / fp8 as ml_dtypes types), else a copy on the host. JAX arrays are waited
+    for first."""
+    return load_adapter(framework).to_host(array)
+
+
 class HostArena:
     """An arena in host memory, shared by every backend's CPU pools.
 
@@ -158,4 +165,4 @@ class HostArena:
         self._kept = [None] * self.num_slots
 
 
-__all__ = ["Arena", "HostArena"]
+__all__ = ["Arena", "HostArena", "host_array_of"]

@@ -129,14 +129,7 @@ class ChunkChecker:
         return framework
 
     def _check_shape_dtype(self, array: Any, num_tokens: int, what: str) -> None:
-        want = self.view_shape(num_tokens)
-        got = getattr(array, "shape", None)
-        try:
-            same = got is not None and tuple(operator.index(dim) for dim in got) == want
-        except TypeError:
-            same = False
-        if not same:
-            raise ChunkShapeError(f"{what} has shape {got!r}, expected {want}")
+        _check_shape(array, self.view_shape(num_tokens), what)
         dtype = getattr(array, "dtype", None)
         if dtype is None:
             raise ChunkTypeError(f"{what} has no dtype; pass a numpy, torch or JAX array")
@@ -162,4 +155,34 @@ class ChunkChecker:
         )
 
 
-__all__ = ["ChunkChecker"]
+def _check_shape(array: Any, want: tuple[int, ...], what: str) -> None:
+    got = getattr(array, "shape", None)
+    try:
+        same = got is not None and tuple(operator.index(dim) for dim in got) == want
+    except TypeError:
+        same = False
+    if not same:
+        raise ChunkShapeError(f"{what} has shape {got!r}, expected {want}")
+
+
+def check_array(array: Any, shape: tuple[int, ...], layout: SlotLayout, what: str) -> str:
+    """Check a numpy, torch or JAX array completely: exactly ``shape``, the layout's dtype, and readable
+    as plain memory (see the adapters' ``check_source``). Return its framework.
+
+    For layers built on a pool (the chunk cache) that copy whole prompts rather than one chunk.
+
+    Raises:
+        ChunkTypeError: not a numpy, torch or JAX array, or one that is not plain memory.
+        ChunkShapeError: another shape or dtype; the message says which and how to convert.
+    """
+    framework = framework_of(array)
+    if framework == "dlpack":
+        raise ChunkTypeError(f"{what} must be a numpy, torch or JAX array, got a {type(array).__name__}")
+    _check_shape(array, shape, what)
+    checker = ChunkChecker(layout, framework)
+    checker.check_dtype(getattr(array, "dtype", None), what)
+    load_adapter(framework).check_source(array)
+    return framework
+
+
+__all__ = ["ChunkChecker", "check_array"]

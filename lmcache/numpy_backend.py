@@ -55,6 +55,10 @@ class NumpyAdapter:
     def wait(self, array: Any) -> None:
         """numpy work is never pending."""
 
+    def to_host(self, array: Any) -> np.ndarray:
+        """A numpy array is host memory already."""
+        return np.asarray(array)
+
     def clone(self, array: Any) -> np.ndarray:
         """Return an owning copy."""
         return np.array(array, copy=True)

@@ -78,6 +78,10 @@ class FrameworkAdapter(Protocol):
         """Block until pending work that computes ``array`` has finished."""
         ...
 
+    def to_host(self, array: Any) -> np.ndarray:
+        """Return the array's values as numpy: a view of host memory, else a host copy (waits first)."""
+        ...
+
     def clone(self, array: Any) -> Any:
         """Return an owning copy of ``array`` whose bytes are ready (no pending work)."""
         ...

@@ -358,6 +358,10 @@ class JaxAdapter:
         """Block until the array is computed."""
         array.block_until_ready()
 
+    def to_host(self, array: Any) -> np.ndarray:
+        """``np.asarray``: waits, aliases CPU arrays, copies GPU arrays to the host."""
+        return np.asarray(array)
+
     def clone(self, array: Any) -> jax.Array:
         """Return an owning copy, computed (``jnp.array(copy=True)``; DLPack ``copy=True`` may alias)."""
         copy: jax.Array = jnp.array(array, copy=True).block_until_ready()

@@ -27,6 +27,8 @@ from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
 from lmcache.registry import load_adapter
 
+#: The unsigned int of each item size: how a tensor of any dtype is read by numpy (bf16 / fp8 included).
+_BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
 #: Token counts whose view geometry is cached per arena (bounded: no table grows with chunk_size).
 _GEOMETRY_CACHE_LIMIT = 4096
 
@@ -332,6 +334,14 @@ class TorchAdapter:
             dst.copy_(_unaliased(source, dst))
         if dst.is_cuda:
             torch.cuda.current_stream(dst.device).synchronize()
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """A numpy view of a CPU tensor's memory (through its bits, so bf16 / fp8 work), else a host copy."""
+        tensor = array.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        spec = normalize_dtype(tensor.dtype)
+        return tensor.view(_BITS[spec.itemsize]).numpy().view(spec.numpy_dtype)  # type: ignore[no-any-return]
 
     def wait(self, array: Any) -> None:
         """Wait for all work on a CUDA tensor's device (CPU tensors are never pending)."""
