@@ -11,11 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cachetest import CHUNK, cache_pool, prefix_kv
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import require, to_host, to_native
 from lmcache.chunk_cache import ChunkCache
 
