@@ -81,6 +81,17 @@ def host_array_of(array: Any, framework: str) -> np.ndarray:
     return load_adapter(framework).to_host(array)
 
 
+def clone_from_device(arena: Arena, slot: int, num_tokens: int, framework: str) -> Any:
+    """An owning copy of a chunk in device memory: numpy through a copy to the host, other frameworks
+    through their own copy of an exported view. For device arenas' ``clone``."""
+    if framework == "numpy":
+        layout = arena.layout
+        out = np.empty(layout.view_shape(num_tokens), dtype=layout.dtype.numpy_dtype)
+        arena.copy_out(slot, num_tokens, out, "numpy")
+        return out
+    return load_adapter(framework).clone(arena.export(slot, num_tokens, framework))
+
+
 class HostArena:
     """An arena in host memory, shared by every backend's CPU pools.
 
@@ -165,4 +176,4 @@ class HostArena:
         self._kept = [None] * self.num_slots
 
 
-__all__ = ["Arena", "HostArena", "host_array_of"]
+__all__ = ["Arena", "HostArena", "clone_from_device", "host_array_of"]

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -22,7 +22,7 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvtest import random_bits, require, small_pool, to_native
+from kvtest import random_bits, run_state_machine, small_pool, to_native
 from lmcache.allocator import ChunkAllocator
 from lmcache.errors import DoubleFreeError, InvalidHandleError, StaleHandleError
 from lmcache.storage_backend.mem_pool import KVObj
@@ -196,16 +196,7 @@ class PoolModel(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
 def test_pool_matches_model(backend_name: str) -> None:
-    require(backend_name)
-    machine = type(f"PoolModel_{backend_name}", (PoolModel,), {"backend": backend_name})
-    runner = machine.TestCase
-    runner.settings = settings(
-        max_examples=100 if backend_name == "numpy" else 30,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    runner().runTest()
+    run_state_machine(PoolModel, backend_name, max_examples=100 if backend_name == "numpy" else 30)
 
 
 class AllocatorModel(RuleBasedStateMachine):

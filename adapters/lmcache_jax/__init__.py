@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmcache.arena import HostArena
+from lmcache.arena import HostArena, clone_from_device
 from lmcache.dlpack import DLPackView
 from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ChunkTypeError, ConfigError, DeviceUnavailableError, PoolTooLargeError
@@ -151,7 +151,7 @@ class JaxGPUArena:
 
     backend = "jax"
     pinned = False
-    host = None
+    host: np.ndarray | None = None
 
     def __init__(self, layout: SlotLayout, num_slots: int, device: Any) -> None:
         self.layout = layout
@@ -247,11 +247,7 @@ class JaxGPUArena:
 
     def clone(self, slot: int, num_tokens: int, framework: str) -> Any:
         """Return an owning copy in ``framework`` (numpy copies to the host)."""
-        if framework == "numpy":
-            out = np.empty(self.layout.view_shape(num_tokens), dtype=self.layout.dtype.numpy_dtype)
-            self.copy_out(slot, num_tokens, out, "numpy")
-            return out
-        return load_adapter(framework).clone(self.export(slot, num_tokens, framework))
+        return clone_from_device(self, slot, num_tokens, framework)
 
     def close(self) -> None:
         """Nothing to release: the memory goes when the last view does."""

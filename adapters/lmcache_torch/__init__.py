@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack
 
-from lmcache.arena import HostArena
+from lmcache.arena import HostArena, clone_from_device
 from lmcache.dtypes import DTypeSpec, normalize_dtype
 from lmcache.errors import (
     ChunkTypeError,
@@ -145,7 +145,7 @@ class TorchCUDAArena:
 
     backend = "torch"
     pinned = False
-    host = None
+    host: np.ndarray | None = None
 
     def __init__(self, layout: SlotLayout, num_slots: int, device: torch.device) -> None:
         self.layout = layout
@@ -210,11 +210,7 @@ class TorchCUDAArena:
 
     def clone(self, slot: int, num_tokens: int, framework: str) -> Any:
         """Return an owning copy in ``framework`` (numpy copies to the host)."""
-        if framework == "numpy":
-            out = np.empty(self.layout.view_shape(num_tokens), dtype=self.layout.dtype.numpy_dtype)
-            self.copy_out(slot, num_tokens, out, "numpy")
-            return out
-        return load_adapter(framework).clone(self.export(slot, num_tokens, framework))
+        return clone_from_device(self, slot, num_tokens, framework)
 
     def close(self) -> None:
         """Nothing to release: the memory goes when the last view does."""
