@@ -39,10 +39,11 @@ from typing import Any
 
 import numpy as np
 
-from lmcache.arena import check_array, framework_of, host_array_of
+from lmcache.arena import host_array_of
+from lmcache.checks import check_array
 from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
-from lmcache.registry import load_adapter
+from lmcache.registry import framework_of, load_adapter
 from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache.storage_backend.mem_pool.local_pool import LocalPool

@@ -16,12 +16,12 @@ from __future__ import annotations
 import sys
 
 import numpy as np
-from cachetest import prefix_kv
 
+from cachetest import prefix_kv
 from kvtest import SMALL_SHAPE, random_bits, same_bits, small_pool, to_native
-from lmcache.arena import framework_of
 from lmcache.chunk_cache import ChunkCache
 from lmcache.dtypes import KV_DTYPES
+from lmcache.registry import framework_of
 from lmcache.remote import RedisTier
 
 TOKENS = (16, 16, 7)

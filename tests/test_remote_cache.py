@@ -14,17 +14,16 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cachetest import CHUNK, cache_pool, prefix_kv
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
-from test_remote import run_peer
 
+from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import require, same_bits, to_native
 from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ConfigError
 from lmcache.remote import HEADER, RedisTier
-from redis_server import HOST, RedisServer, free_port, require_redis
+from redis_server import HOST, RedisServer, free_port, require_redis, run_peer
 
 PROMPT = [5 * i + 1 for i in range(3 * CHUNK + 7)]  # 3 full chunks and a partial one
 CHUNKS = 4
