@@ -1,21 +1,11 @@
-"""The remote tier: KV chunks shared through a Redis (or Valkey) server.
+"""The remote tier's client: :class:`RedisTier`, one Redis (or Valkey) string per chunk.
 
-This module owns two things:
-
-- The value format. A stored chunk is one Redis string: a 64-byte header (magic, format version, dtype,
-  shape, payload length, checksum) followed by the chunk's bytes exactly as they lie in its slot. The
-  checksum (``xxh3_64``) covers the key, the header and the payload, so a value that was truncated,
-  overwritten, moved to another key, or written in another format, dtype or shape is rejected, never
-  returned. ``xxh3_64`` runs at 14-40 GB/s here, against 2 GB/s for ``zlib.crc32``, which would halve
-  the write throughput (DESIGN section 11): that is why the ``redis`` extra depends on ``xxhash``.
-- :class:`RedisTier`: a client for that format. Writes go through a bounded queue to a background
-  writer thread (the caller never waits on the network; a full queue drops its oldest write); reads are
-  pipelined (one round trip for any number of chunks). A server that is down, slow, restarting or
-  refusing the credentials never raises into the caller: operations fail soft, are counted, and the
-  tier retries after a capped, jittered backoff.
-
-Credentials come from the URL or from ``REDIS_USERNAME`` / ``REDIS_PASSWORD``; they never appear in a
-repr, a log line or an error message. ``redis`` and ``xxhash`` are imported only when a tier is built.
+Writes go through a bounded queue to a background writer thread (the caller never waits on the network;
+a full queue drops its oldest write); reads are pipelined (one round trip for any number of chunks). A
+server that is down, slow, restarting or refusing the credentials never raises into the caller:
+operations fail soft, are counted, and the tier retries after a capped, jittered backoff. Credentials
+come from the URL or from ``REDIS_USERNAME`` / ``REDIS_PASSWORD``; they never appear in a repr, a log
+line or an error message. ``redis`` is imported only when a tier is built.
 """
 
 from __future__ import annotations
@@ -25,7 +15,6 @@ import logging
 import os
 import random
 import re
-import struct
 import threading
 import time
 import urllib.parse
@@ -33,168 +22,21 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
+from lmcache.errors import BackendUnavailableError, ConfigError
+from lmcache.remote.format import (
+    _EXTRA_HINT,
+    HEADER,
+    RemoteValueError,
+    _check_shape,
+    _xxh3,
+    byte_view,
+    decode_value,
+    encode_header,
+    payload_bytes,
+)
+from lmcache.remote.replies import WRONG_TYPE, FetchStream, _ReplyReader
 
-from lmcache.dtypes import KV_DTYPES
-from lmcache.errors import BackendUnavailableError, ConfigError, MemPoolError
-
-logger = logging.getLogger(__name__)
-
-#: The first bytes of every value this module writes.
-MAGIC = b"LMKV"
-#: The value format written by this version; values of another version are rejected.
-FORMAT_VERSION = 1
-#: magic, version, header bytes, payload bytes, checksum, dtype name, shape (5 dims), reserved.
-HEADER = struct.Struct("<4sHHQQ16s5I4x")
-_CHECKSUM_OFFSET = 16  # byte offset of the checksum field in HEADER
-
-WRONG_TYPE = object()  # a reply for a key that holds another Redis type (a list, a hash ...)
-_EXTRA_HINT = "pip install 'lmcache-mempool[redis]'"
-
-
-class RemoteValueError(MemPoolError, ValueError):
-    """A stored value does not match what the reader expects (format, dtype, shape, length, checksum)."""
-
-
-# -- the value format --------------------------------------------------------------------------------
-def _xxh3() -> Any:
-    try:
-        import xxhash
-    except ImportError as exc:
-        raise BackendUnavailableError(f"the remote tier needs xxhash: {_EXTRA_HINT}") from exc
-    return xxhash.xxh3_64
-
-
-def byte_view(payload: Any) -> memoryview:
-    """Return a flat byte memoryview of a C-contiguous buffer (a numpy array of any dtype, bytes).
-
-    numpy arrays go through a ``uint8`` view, so bf16 and fp8 (ml_dtypes) arrays work too.
-
-    Raises:
-        ConfigError: the buffer is not C-contiguous (a value must be sent straight from memory).
-    """
-    if isinstance(payload, np.ndarray):
-        if not payload.flags.c_contiguous:
-            raise ConfigError("a remote payload must be C-contiguous; pass np.ascontiguousarray(x)")
-        flat: Any = payload.reshape(-1).view(np.uint8)
-        return memoryview(flat)
-    view = memoryview(payload)
-    if not view.c_contiguous:
-        raise ConfigError("a remote payload must be C-contiguous; pass a contiguous buffer")
-    return view.cast("B")
-
-
-def payload_bytes(dtype: str, shape: Sequence[int]) -> int:
-    """Bytes of a chunk of ``dtype`` (a name in :data:`lmcache.dtypes.KV_DTYPES`) and ``shape``."""
-    count = 1
-    for dim in shape:
-        count *= int(dim)
-    return count * int(_dtype_spec(dtype).itemsize)
-
-
-def _dtype_spec(dtype: str) -> Any:
-    spec = KV_DTYPES.get(dtype)
-    if spec is None:
-        raise ConfigError(f"unknown dtype name {dtype!r}; use one of {sorted(KV_DTYPES)}")
-    return spec
-
-
-def _check_shape(shape: Sequence[int]) -> tuple[int, int, int, int, int]:
-    dims = tuple(int(d) for d in shape)
-    if len(dims) != 5 or any(d < 1 or d >= 2**32 for d in dims):
-        raise ConfigError(f"a chunk shape has 5 dims in 1..2**32-1, got {tuple(shape)}")
-    return dims  # type: ignore[return-value]
-
-
-def encode_header(key: bytes, payload: memoryview, dtype: str, shape: Sequence[int]) -> bytes:
-    """Return the header to store before ``payload`` under ``key``.
-
-    The payload is not copied: the caller sends the header and then the payload's own memory.
-
-    Raises:
-        ConfigError: the payload's length does not match ``dtype`` and ``shape``, or they are invalid.
-    """
-    dims = _check_shape(shape)
-    nbytes = payload_bytes(dtype, dims)
-    if payload.nbytes != nbytes:
-        raise ConfigError(f"payload has {payload.nbytes} bytes but {dtype} {dims} needs {nbytes}")
-    blank = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER.size, nbytes, 0, dtype.encode("ascii"), *dims)
-    checksum = _checksum(key, blank, payload)
-    return HEADER.pack(MAGIC, FORMAT_VERSION, HEADER.size, nbytes, checksum, dtype.encode("ascii"), *dims)
-
-
-def _checksum(key: bytes, blank_header: bytes | bytearray, payload: memoryview) -> int:
-    hasher = _xxh3()()
-    hasher.update(key)
-    hasher.update(blank_header)
-    hasher.update(payload)
-    return int(hasher.intdigest())
-
-
-def decode_value(key: bytes, value: bytes | memoryview, dtype: str, shape: Sequence[int]) -> memoryview:
-    """Validate a stored value and return its payload (a zero-copy view into ``value``).
-
-    Raises:
-        RemoteValueError: the value is not one this format wrote for ``key`` with this dtype and shape:
-            too short, another magic or version, another dtype or shape, a length that does not match,
-            or a checksum that does not match (the message says which).
-    """
-    dims = _check_shape(shape)
-    view = memoryview(value).cast("B")
-    if view.nbytes < HEADER.size:
-        raise RemoteValueError(f"value of {view.nbytes} bytes is shorter than the {HEADER.size}-byte header")
-    header = view[: HEADER.size]
-    checksum = check_header(header, view.nbytes, dtype, dims)
-    payload = view[HEADER.size :]
-    verify_checksum(key, header, payload, checksum)
-    return payload
-
-
-def check_header(
-    header: bytes | bytearray | memoryview, value_bytes: int, dtype: str, shape: Sequence[int]
-) -> int:
-    """Check a value's header against what the reader expects; return the checksum it records.
-
-    Args:
-        header: the value's first ``HEADER.size`` bytes.
-        value_bytes: the length of the whole value (header and payload).
-        dtype, shape: what the reader expects under this key.
-
-    Raises:
-        RemoteValueError: another magic, version, dtype or shape, or a length that does not match.
-    """
-    dims = _check_shape(shape)
-    magic, version, header_size, nbytes, checksum, name, *stored_shape = HEADER.unpack_from(header)
-    if magic != MAGIC:
-        raise RemoteValueError("value is not in lmcache's format (magic differs)")
-    if version != FORMAT_VERSION or header_size != HEADER.size:
-        raise RemoteValueError(f"value has format version {version}; this reader reads {FORMAT_VERSION}")
-    stored_dtype = name.rstrip(b"\0").decode("ascii", "replace")
-    if stored_dtype != dtype:
-        raise RemoteValueError(f"value holds {stored_dtype}, expected {dtype}")
-    if tuple(stored_shape) != dims:
-        raise RemoteValueError(f"value has shape {tuple(stored_shape)}, expected {dims}")
-    expected = payload_bytes(dtype, dims)
-    if nbytes != expected or value_bytes != HEADER.size + expected:
-        raise RemoteValueError(
-            f"value has {value_bytes - HEADER.size} payload bytes (header says {nbytes}), expected {expected}"
-        )
-    return int(checksum)
-
-
-def verify_checksum(
-    key: bytes, header: bytes | bytearray | memoryview, payload: memoryview, checksum: int
-) -> None:
-    """Check ``checksum`` (from :func:`check_header`) over ``key``, ``header`` and ``payload``.
-
-    Raises:
-        RemoteValueError: the checksum does not match.
-    """
-    blank = bytearray(header)
-    blank[_CHECKSUM_OFFSET : _CHECKSUM_OFFSET + 8] = bytes(8)
-    if _checksum(key, blank, payload) != checksum:
-        raise RemoteValueError("value checksum does not match its bytes")
-
+logger = logging.getLogger("lmcache.remote")
 
 # -- credentials -------------------------------------------------------------------------------------
 _USERINFO = re.compile(r"(?<=://)[^@/\s]*@")
@@ -735,232 +577,6 @@ class RedisTier:
         return f"RedisTier({self._url!r}, key_prefix={self.key_prefix!r}{ttl}, queue_size={self.queue_size})"
 
 
-class FetchStream:
-    """The replies of one pipelined ``GET`` of several chunks, read in order, payloads into caller buffers.
-
-    For a key at ``index``, :meth:`hit` reads its reply up to the payload and says whether it is a value
-    of the expected dtype, shape and length; then :meth:`read_into` reads the payload straight from the
-    socket into a buffer of the caller's (a pool slot) and checks the checksum. Indices only go forward;
-    replies skipped over are read and dropped. The stream ends (every later call answers False) at the
-    first miss, rejected value or failure; the tier's counters count each. Closing a stream with replies
-    left unread closes its connection, so they can never answer another command.
-
-    Where redis-py exposes no socket (a future version), the replies are read with redis-py instead and
-    copied: the same results, one more copy.
-    """
-
-    def __init__(self, tier: RedisTier, keys: list[bytes], dtype: str, dims: list[tuple[int, ...]]) -> None:
-        self._tier = tier
-        self._keys = keys
-        self._dtype = dtype
-        self._dims = dims
-        self._index = -1  # the reply being read
-        self._consumed = 0  # replies read to their end
-        self._pending = 0  # bytes of the current reply not yet read (payload and CRLF)
-        self._header = bytearray(HEADER.size)
-        self._checksum = 0
-        self._done = not keys or not tier._ready()
-        self._conn: Any = None
-        self._reader: _ReplyReader | None = None
-        self._values: list[Any] | None = None  # the fallback: replies read by redis-py
-        self._read_errors = tier._read_errors
-        if self._done:
-            return
-        conn = tier._borrow()
-        try:
-            conn.connect()
-            sock = getattr(conn, "_sock", None)
-            if sock is None or not hasattr(sock, "recv_into"):
-                tier._give_back(conn)
-                self._values = tier._pipelined("GET", keys)
-                return
-            self._conn = conn
-            sock.sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k) for k in keys))
-            self._reader = _ReplyReader(sock)
-        except tier._redis_errors as exc:
-            self._fail(exc, conn)
-
-    def hit(self, index: int) -> bool:
-        """Read the reply for ``keys[index]`` up to its payload (dropping earlier unread replies).
-
-        Returns True when it is a value of this key's dtype, shape and length, whose payload
-        :meth:`read_into` reads next; False for a miss, a rejected value, a failure, or an index at or
-        before one already read (the stream then ends).
-        """
-        if self._done or not self._index < index < len(self._keys):
-            return self._end(None)
-        key, dims = self._keys[index], self._dims[index]
-        try:
-            if self._values is not None:
-                self._index = index
-                value = self._values[index]
-                if value is None or value is WRONG_TYPE or len(value) < HEADER.size:
-                    return self._end("misses" if value is None else "corrupt")
-                self._header[:] = value[: HEADER.size]
-                self._checksum = check_header(self._header, len(value), self._dtype, dims)
-                return True
-            while self._index < index:  # drop what is left of the current reply and of skipped ones
-                self._drop_rest()
-                self._index += 1
-                if self._index < index:
-                    skipped = self._read_length()
-                    if skipped < 0:  # a miss or another type: the line was the whole reply
-                        self._consumed += 1
-                    self._pending = skipped + 2 if skipped >= 0 else 0
-            length = self._read_length()
-            if length < 0:
-                self._consumed += 1
-                return self._end("misses" if length == -1 else "corrupt")
-            self._pending = length + 2
-            if length < HEADER.size:
-                raise RemoteValueError(
-                    f"value of {length} bytes is shorter than the {HEADER.size}-byte header"
-                )
-            self._read(memoryview(self._header))
-            self._checksum = check_header(self._header, length, self._dtype, dims)
-            return True
-        except RemoteValueError as exc:
-            logger.warning("remote value %s rejected: %s", key.decode("ascii", "replace"), exc)
-            return self._end("corrupt")
-        except self._read_errors as exc:
-            self._fail(exc, self._conn)
-            return False
-
-    def read_into(self, destination: Any) -> bool:
-        """Read the payload announced by :meth:`hit` into ``destination`` (a C-contiguous buffer of
-        exactly the chunk's bytes) and check its checksum; True when the bytes there are the chunk's.
-
-        On False the destination holds garbage: do not use it.
-        """
-        if self._done or self._index < 0:
-            return False
-        view = byte_view(destination)
-        key = self._keys[self._index]
-        if view.nbytes != payload_bytes(self._dtype, self._dims[self._index]):
-            raise ConfigError(f"destination has {view.nbytes} bytes; the chunk has a different size")
-        try:
-            if self._values is not None:
-                view[:] = memoryview(self._values[self._index]).cast("B")[HEADER.size :]
-            else:
-                self._read(view)
-                self._drop_rest()  # the reply's closing CRLF
-            verify_checksum(key, self._header, view, self._checksum)
-        except RemoteValueError as exc:
-            logger.warning("remote value %s rejected: %s", key.decode("ascii", "replace"), exc)
-            return self._end("corrupt")
-        except self._tier._redis_errors as exc:
-            self._fail(exc, self._conn)
-            return False
-        with self._tier._lock:
-            self._tier._counts["hits"] += 1
-        self._tier._succeeded()
-        return True
-
-    def close(self) -> None:
-        """End the stream: give the connection back, or close it if replies are left unread."""
-        self._done = True
-        if self._conn is not None:
-            conn, self._conn = self._conn, None
-            if self._consumed < len(self._keys):
-                conn.disconnect()  # unread replies would answer the connection's next command
-            self._tier._give_back(conn)
-
-    def _read_length(self) -> int:
-        """Read a reply's first line: the bulk length, -1 for a miss, -2 for a value of another type."""
-        if self._reader is None:
-            raise ConnectionError("the stream has no connection")
-        line = self._reader.line()
-        if line in (b"$-1", b"_"):
-            return -1
-        if line.startswith(b"-WRONGTYPE"):
-            return -2
-        if not line.startswith(b"$"):
-            raise self._tier._protocol_error(f"unexpected reply {line[:40]!r} to GET")
-        return int(line[1:])
-
-    def _read(self, view: memoryview) -> None:
-        if self._reader is None:
-            raise ConnectionError("the stream has no connection")
-        self._reader.read_into(view)
-        self._pending -= view.nbytes
-
-    def _drop_rest(self) -> None:
-        """Read and drop the rest of the current reply (a payload not read, its CRLF)."""
-        if self._pending and self._reader is not None:
-            self._reader.skip(self._pending)
-            self._pending = 0
-            self._consumed += 1
-
-    def _end(self, counter: str | None) -> bool:
-        if counter is not None:
-            with self._tier._lock:
-                self._tier._counts[counter] += 1
-        if not self._done and counter != "corrupt":
-            self._tier._succeeded()
-        self.close()
-        return False
-
-    def _fail(self, exc: BaseException, conn: Any) -> None:
-        if conn is not None:
-            conn.disconnect()
-        self._tier._failed("GET", exc)
-        self.close()
-
-    def __enter__(self) -> FetchStream:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-
-class _ReplyReader:
-    """Reads RESP replies from a socket: lines through a small buffer, payloads straight into buffers."""
-
-    def __init__(self, sock: Any) -> None:
-        self._sock = sock
-        self._buffer = bytearray()
-
-    def line(self) -> bytes:
-        """The next CRLF-terminated line, without the CRLF."""
-        while True:
-            end = self._buffer.find(b"\r\n")
-            if end >= 0:
-                line = bytes(self._buffer[:end])
-                del self._buffer[: end + 2]
-                return line
-            self._receive()
-
-    def read_into(self, view: memoryview) -> None:
-        """Fill ``view`` exactly: first from what is buffered, then from the socket, without a copy."""
-        taken = min(len(self._buffer), view.nbytes)
-        view[:taken] = self._buffer[:taken]
-        del self._buffer[:taken]
-        while taken < view.nbytes:
-            got = self._sock.recv_into(view[taken:])
-            if not got:
-                raise ConnectionError("the server closed the connection mid-reply")
-            taken += got
-
-    def skip(self, count: int) -> None:
-        """Read and drop ``count`` bytes."""
-        scratch = memoryview(bytearray(min(count, 1 << 20)))
-        while count:
-            part = scratch[: min(count, scratch.nbytes)]
-            self.read_into(part)
-            count -= part.nbytes
-
-    @property
-    def buffered(self) -> int:
-        """Bytes received and not yet read."""
-        return len(self._buffer)
-
-    def _receive(self) -> None:
-        chunk = self._sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("the server closed the connection mid-reply")
-        self._buffer += chunk
-
-
 def _checked_write(
     key: bytes, payload: Any, dtype: str, shape: Sequence[int], on_done: Callable[[bool], None] | None
 ) -> _Write:
@@ -984,19 +600,4 @@ def _finish(write: _Write, sent: bool) -> None:
         logger.exception("on_done callback of remote write %s failed", write.key.decode("ascii", "replace"))
 
 
-__all__ = [
-    "FORMAT_VERSION",
-    "HEADER",
-    "FetchStream",
-    "MAGIC",
-    "RedisTier",
-    "RemoteStats",
-    "RemoteValueError",
-    "byte_view",
-    "check_header",
-    "decode_value",
-    "encode_header",
-    "payload_bytes",
-    "redact_url",
-    "verify_checksum",
-]
+__all__ = ["RedisTier", "RemoteStats", "redact_url"]
