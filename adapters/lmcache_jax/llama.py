@@ -153,12 +153,13 @@ def _forward(spec: LlamaSpec, params: Params, token_ids: jax.Array, prefix_kv: j
         keys = jnp.concatenate([prefix_kv[index, 0], k], axis=0)
         values = jnp.concatenate([prefix_kv[index, 1], v], axis=0)
         kv_layers.append(jnp.stack([keys, values]))
-        # GQA: query head j reads KV head j // group, as transformers' repeat_kv arranges them.
-        keys_rep, values_rep = jnp.repeat(keys, group, axis=1), jnp.repeat(values, group, axis=1)
-        scores = jnp.einsum("thd,shd->hts", q, keys_rep) * jnp.asarray(scale, dtype)
-        scores = jnp.where(visible[None], scores, masked)
+        # GQA: query head j reads KV head j // group (transformers' repeat_kv), here without repeating
+        # the KV: queries are grouped as (kv_head, group).
+        grouped = q.reshape(num_new, spec.num_kv_heads, group, spec.head_dim)
+        scores = jnp.einsum("tkgd,skd->kgts", grouped, keys) * jnp.asarray(scale, dtype)
+        scores = jnp.where(visible, scores, masked)
         probs = jax.nn.softmax(scores.astype(jnp.float32), axis=-1).astype(dtype)
-        attended = jnp.einsum("hts,shd->thd", probs, values_rep).reshape(num_new, -1)
+        attended = jnp.einsum("kgts,skd->tkgd", probs, values).reshape(num_new, -1)
         x = x + _linear(attended, layer["o"])
         h = _rms_norm(x, layer["post_norm"], spec.rms_norm_eps)
         x = x + _linear(jax.nn.silu(_linear(h, layer["gate"])) * _linear(h, layer["up"]), layer["down"])
