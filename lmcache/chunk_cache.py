@@ -1,0 +1,644 @@
+"""The chunk cache: KV chunks of token prefixes kept in a pool, found again by prompt.
+
+:class:`ChunkCache` owns the slots it takes from a :class:`~lmcache.storage_backend.mem_pool.LocalPool`
+(numpy, torch or JAX backend, CPU or GPU). A prompt is cut into chunks of ``pool.chunk_size`` tokens;
+each chunk has a key that names its whole prefix, so a cached chunk is reused only by prompts that start
+with exactly the same tokens.
+
+How it is built (and why each piece exists):
+
+* Keys are chained ``blake2b`` digests over the namespace, the previous key and the chunk's token ids as
+  little-endian int64, so they are the same in every process, on every machine, under any
+  ``PYTHONHASHSEED`` and for every array type holding the same ids (Python's ``hash`` is none of these;
+  LMCache issues #1139 and #2979).
+* One dict maps key to entry; one ``OrderedDict`` holds the *evictable* entries (not pinned by a lease, a
+  running ``store`` or a running ``retrieve``) from least to most recently used. Pins always cover a
+  whole prefix (chunks ``0..k``), so an unpinned entry has no pinned descendant. A use refreshes its
+  prefix tail-first, so every entry is more recent than its children; the least recent evictable entry
+  is therefore a leaf, and eviction is one ``popitem``: O(1), no scan. Evicting leaves only keeps the
+  cached set prefix-closed: every cached chunk's parent is cached, so ``lookup`` reaches every slot.
+* The lock is held only for dict work and slot hand-out; hashing and byte copies run outside it. A chunk
+  enters the dict only after its bytes are completely in its slot, so ``lookup``, ``retrieve`` and
+  ``lease`` never see a half-written chunk.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+from hashlib import blake2b
+from typing import Any
+
+import numpy as np
+
+from lmcache.arena import check_array, framework_of, host_array_of
+from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
+from lmcache.registry import load_adapter
+from lmcache.storage_backend.mem_pool.base_pool import KVObj
+from lmcache.storage_backend.mem_pool.local_pool import LocalPool
+
+#: Bytes of a chunk key (a 128-bit blake2b digest).
+KEY_BYTES = 16
+_KEY_DOMAIN = b"lmcache-mempool/chunk-cache/v1\x00"
+_INT64_MAX = np.iinfo(np.int64).max
+_INT64_LE = np.dtype("<i8")
+_FRAMEWORKS = ("numpy", "torch", "jax")
+_OUTPUT_ALIGNMENT = 256  # JAX aliases host memory only at 64-byte aligned addresses
+
+
+class TokensTypeError(MemPoolError, TypeError):
+    """Tokens are not a 1-D sequence of integer ids (floats, strings, ``None``, a scalar, bools...)."""
+
+
+class TokensValueError(MemPoolError, ValueError):
+    """Tokens are integers but not a flat sequence of int64 ids (nested, ragged, out of int64 range)."""
+
+
+class CacheInvariantError(MemPoolError, RuntimeError):
+    """The cache found its own bookkeeping inconsistent (a bug: please report it)."""
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A consistent snapshot of a :class:`ChunkCache`'s counters.
+
+    Attributes:
+        chunks: chunks cached now.
+        leased: chunks pinned by at least one lease now.
+        pinned: chunks pinned now by leases or by running ``store`` / ``retrieve`` calls.
+        stored: chunks copied in, ever.
+        evicted: chunks dropped to make room, ever.
+        cleared: chunks dropped by :meth:`ChunkCache.clear`, ever.
+        hit_tokens: tokens found, over ``lookup``, ``retrieve`` and ``lease`` calls.
+        query_tokens: tokens asked for, over ``lookup``, ``retrieve`` and ``lease`` calls.
+    """
+
+    chunks: int
+    leased: int
+    pinned: int
+    stored: int
+    evicted: int
+    cleared: int
+    hit_tokens: int
+    query_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        """``hit_tokens / query_tokens`` (0.0 before any query)."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
+def token_ids(tokens: Any) -> np.ndarray:
+    """Return ``tokens`` as a contiguous little-endian int64 numpy array, checking that they are ids.
+
+    Accepts a list, tuple or ``range`` of ints, or a 1-D integer numpy, torch (any device) or JAX array.
+
+    Raises:
+        TokensTypeError: not a sequence of integers (floats, bools, strings, ``None``, a scalar).
+        TokensValueError: nested or ragged, or an id outside the int64 range.
+    """
+    if tokens is None or isinstance(tokens, (str, bytes, bytearray, int, float, complex, np.generic)):
+        raise TokensTypeError(
+            f"tokens must be a 1-D sequence of integer token ids (list, tuple, numpy, torch or JAX "
+            f"array), got a {type(tokens).__name__}"
+        )
+    if (type(tokens).__module__ or "").partition(".")[0] == "torch":
+        try:
+            tokens = tokens.detach().cpu().numpy()
+        except (TypeError, RuntimeError) as exc:  # bf16 and friends have no numpy type
+            raise TokensTypeError(f"tokens must be integer ids, got a tensor of {tokens.dtype}") from exc
+    try:
+        ids = np.asarray(tokens)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting and the like
+        raise TokensValueError(
+            f"tokens must be a flat sequence of integer ids; numpy could not read it ({exc})"
+        ) from exc
+    kind = ids.dtype.kind
+    if ids.shape == (0,):  # an empty list reads as float64: no ids is a valid (empty) prompt
+        return np.empty(0, dtype=_INT64_LE)
+    if kind not in "iu":
+        raise TokensTypeError(
+            f"tokens must be integer ids, got dtype {ids.dtype} (from a {type(tokens).__name__}); "
+            "floats, bools, strings, None and ids beyond int64 are not token ids"
+        )
+    if ids.ndim != 1:
+        raise TokensValueError(
+            f"tokens must be 1-D, got shape {ids.shape}; pass one prompt's ids (flatten a batch first)"
+        )
+    if kind == "u" and ids.dtype.itemsize == 8 and ids.size and int(ids.max()) > _INT64_MAX:
+        raise TokensValueError("token ids must fit in int64; got a uint64 id above 2**63 - 1")
+    return np.ascontiguousarray(ids, dtype=_INT64_LE)
+
+
+class _Entry:
+    """One cached chunk. Fields change only under the cache's lock."""
+
+    __slots__ = ("children", "key", "leases", "num_tokens", "obj", "parent", "pins")
+
+    def __init__(self, key: bytes, obj: KVObj, parent: _Entry | None, num_tokens: int) -> None:
+        self.key = key
+        #: The pool slot holding the chunk's bytes (the cache owns it).
+        self.obj = obj
+        #: The entry of the previous chunk of the prefix; None for a first chunk.
+        self.parent = parent
+        #: Cached chunks that extend this one.
+        self.children = 0
+        #: Pins by leases, running stores and running retrieves; evictable only at 0.
+        self.pins = 0
+        #: Pins by leases alone (for ``stats().leased``).
+        self.leases = 0
+        self.num_tokens = num_tokens
+
+
+class _ShapeOnly:
+    """What ``pool.allocate`` reads from a chunk: its shape and dtype, with no memory behind it."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape = shape
+        self.dtype = dtype
+
+
+class Lease:
+    """Chunks of a cached prefix, pinned until :meth:`release` (or the end of a ``with`` block).
+
+    Attributes:
+        chunks: the prefix's chunks in order, as :class:`KVObj` views of the pool's slots (zero-copy;
+            ``as_torch()``, ``as_jax()``, ``as_numpy()`` work). They belong to the cache: read them, do
+            not free or write them.
+        num_tokens: tokens the chunks hold (0 on a miss).
+
+    A leased chunk is never evicted, cleared or overwritten. Leases count: two leases of one chunk need
+    two releases. Release every lease: a forgotten one keeps its slots pinned for the cache's life.
+    """
+
+    __slots__ = ("_cache", "_chain", "_released", "chunks", "num_tokens")
+
+    def __init__(self, cache: ChunkCache, chain: list[_Entry]) -> None:
+        self._cache = cache
+        self._chain = chain
+        self._released = False
+        self.chunks: list[KVObj] = [entry.obj for entry in chain]
+        self.num_tokens: int = sum(entry.num_tokens for entry in chain)
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._released
+
+    def release(self) -> None:
+        """Unpin the chunks and mark them recently used; calling it again does nothing."""
+        self._cache._release_lease(self)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._released else "held"
+        return f"Lease({len(self.chunks)} chunks, {self.num_tokens} tokens, {state})"
+
+
+class ChunkCache:
+    """KV chunks of token prefixes in a pool, found again by prompt; LRU eviction of leaf chunks.
+
+    Args:
+        pool: any :class:`~lmcache.storage_backend.mem_pool.LocalPool` (numpy, torch or JAX backend, CPU
+            or GPU). The cache owns the slots it allocates; slots that others allocate from the same pool
+            are not the cache's, and when the pool has no free slot and the cache has nothing to evict,
+            ``store`` stops.
+        namespace: separates caches whose chunks must never mix (model, KV dtype, tensor-parallel rank):
+            it seeds every key.
+
+    Invariants (checked by the test-suite's state machine):
+
+    * The cached set is prefix-closed: every cached chunk's parent is cached.
+    * An entry is pinned (not evictable) while a lease, a running ``store`` or a running ``retrieve``
+      covers it; pins cover whole prefixes.
+    * Among evictable entries, every entry is more recent than its children, so the least recent one is a
+      leaf: eviction never scans.
+
+    Thread-safe. Every method costs O(1) dict work per chunk plus hashing and copying.
+
+    Example:
+        >>> import numpy as np
+        >>> from lmcache.chunk_cache import ChunkCache
+        >>> from lmcache.config import LMCacheMemPoolMetadata
+        >>> from lmcache.storage_backend.mem_pool import LocalCPUPool
+        >>> pool = LocalCPUPool(LMCacheMemPoolMetadata((2, 2, 4, 1, 8), "float32", 0.001), backend="numpy")
+        >>> cache = ChunkCache(pool)
+        >>> tokens = list(range(10))                         # 2 full chunks of 4 tokens, 1 of 2
+        >>> kv = np.random.default_rng(0).random((2, 2, 10, 1, 8), dtype=np.float32)
+        >>> cache.store(tokens, kv)
+        10
+        >>> cache.lookup(tokens[:6] + [99])                  # the first chunk matches
+        4
+        >>> out, n = cache.retrieve(tokens)
+        >>> n, bool((out == kv).all())
+        (10, True)
+    """
+
+    def __init__(self, pool: LocalPool, *, namespace: str = "") -> None:
+        if not isinstance(pool, LocalPool):
+            raise ConfigError(f"ChunkCache needs a LocalPool (or a subclass), got {type(pool).__name__}")
+        if not isinstance(namespace, str):
+            raise ConfigError(f"namespace must be a str, got {type(namespace).__name__}")
+        #: The pool the chunks live in.
+        self.pool = pool
+        #: The string every key is seeded with.
+        self.namespace = namespace
+        self._root = blake2b(_KEY_DOMAIN + namespace.encode("utf-8"), digest_size=KEY_BYTES).digest()
+        self._layout = pool.layout
+        self._chunk_size = pool.chunk_size
+        self._host = pool.device == "cpu"
+        self._lock = threading.Lock()
+        self._entries: dict[bytes, _Entry] = {}
+        # Evictable entries (pins == 0), least recently used first; see the class docstring.
+        self._lru: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._like = [
+            _ShapeOnly(self._layout.view_shape(n), self._layout.dtype.numpy_dtype)
+            for n in range(self._chunk_size + 1)
+        ]
+        self._leased = 0
+        self._stored = 0
+        self._evicted = 0
+        self._cleared = 0
+        self._hit_tokens = 0
+        self._query_tokens = 0
+
+    # -- keys ----------------------------------------------------------------------------------------
+    def keys(self, tokens: Any) -> list[bytes]:
+        """Return the key of each chunk of ``tokens`` (``KEY_BYTES`` bytes each; the last chunk may be
+        partial).
+
+        ``key_i = blake2b(ids of chunk i as little-endian int64, key=key_{i-1}, digest_size=16)`` with
+        ``key_{-1} = blake2b(domain + namespace)``: a key names its whole prefix, and is the same for
+        every process, machine, ``PYTHONHASHSEED`` and array type.
+
+        Raises:
+            TokensTypeError, TokensValueError: ``tokens`` are not a 1-D sequence of integer ids.
+        """
+        return list(self._iter_keys(token_ids(tokens)))
+
+    def _iter_keys(self, ids: np.ndarray) -> Iterator[bytes]:
+        """Yield the chunk keys of ``ids`` lazily (a miss stops the caller early, sparing the hashing)."""
+        data = memoryview(ids.tobytes())
+        step = self._chunk_size * 8
+        key = self._root
+        for offset in range(0, len(data), step):
+            key = blake2b(data[offset : offset + step], digest_size=KEY_BYTES, key=key).digest()
+            yield key
+
+    def _cached_keys(self, ids: np.ndarray) -> list[bytes]:
+        """Return the keys of the longest prefix cached now (read without the lock: dict reads are
+        atomic, and an entry is in the dict only once its bytes are in its slot)."""
+        entries = self._entries
+        found = []
+        for key in self._iter_keys(ids):
+            if key not in entries:
+                break
+            found.append(key)
+        return found
+
+    # -- queries -------------------------------------------------------------------------------------
+    def lookup(self, tokens: Any) -> int:
+        """Return how many leading tokens of ``tokens`` are covered by cached chunks.
+
+        A pure query: contents and recency are unchanged (``hit_tokens`` and ``query_tokens`` count it).
+        """
+        ids = token_ids(tokens)
+        cached = self._cached_keys(ids)
+        hit = min(len(cached) * self._chunk_size, len(ids))
+        with self._lock:
+            self._hit_tokens += hit
+            self._query_tokens += len(ids)
+        return hit
+
+    def stats(self) -> CacheStats:
+        """Return a consistent snapshot of the counters (see :class:`CacheStats`)."""
+        with self._lock:
+            return CacheStats(
+                chunks=len(self._entries),
+                leased=self._leased,
+                pinned=len(self._entries) - len(self._lru),
+                stored=self._stored,
+                evicted=self._evicted,
+                cleared=self._cleared,
+                hit_tokens=self._hit_tokens,
+                query_tokens=self._query_tokens,
+            )
+
+    def __len__(self) -> int:
+        """Chunks cached now."""
+        return len(self._entries)
+
+    # -- store ---------------------------------------------------------------------------------------
+    def store(self, tokens: Any, kv: Any) -> int:
+        """Store the KV of ``tokens`` chunk by chunk; return the tokens cached afterwards (as ``lookup``).
+
+        Args:
+            tokens: the prompt's token ids (see :func:`token_ids`).
+            kv: ``(L, 2, len(tokens), H, D)`` (``1`` in place of ``2`` for MLA pools) of the pool's
+                dtype, from numpy, torch or JAX, on any device.
+
+        Chunks already cached are not copied again; their recency is refreshed. Each missing chunk takes
+        a slot (evicting the least recently used leaf when the pool is full) and is copied in. The store
+        stops at the first chunk that gets no slot (nothing evictable): it never raises for a full pool.
+
+        Raises:
+            TokensTypeError, TokensValueError: bad tokens.
+            ChunkShapeError, ChunkTypeError: ``kv`` is not an array of the right shape and dtype.
+            Nothing is stored when any of these is raised.
+        """
+        ids = token_ids(tokens)
+        source = self._check_kv(kv, len(ids))
+        keys = list(self._iter_keys(ids))
+        chunk_size, total = self._chunk_size, len(ids)
+        chain: list[_Entry] = []
+        lock, entries = self._lock, self._entries
+        try:
+            for index, key in enumerate(keys):
+                start = index * chunk_size
+                num_tokens = min(chunk_size, total - start)
+                with lock:
+                    entry = entries.get(key)
+                    if entry is not None:  # cached already: pin it (refreshed at the end)
+                        self._pin(entry)
+                        chain.append(entry)
+                        continue
+                    obj = self._take_slot(num_tokens)
+                if obj is None:
+                    break  # nothing left to evict
+                try:
+                    self._copy_in(obj, source[:, :, start : start + num_tokens])
+                except BaseException:
+                    with lock:
+                        self.pool.free(obj)
+                    raise
+                with lock:
+                    entry = entries.get(key)
+                    if entry is not None:  # another thread stored the same chunk meanwhile
+                        self.pool.free(obj)
+                        self._pin(entry)
+                    else:
+                        entry = _Entry(key, obj, chain[-1] if chain else None, num_tokens)
+                        entry.pins = 1
+                        if entry.parent is not None:
+                            entry.parent.children += 1
+                        entries[key] = entry
+                        self._stored += 1
+                    chain.append(entry)
+        finally:
+            with lock:
+                self._unpin(chain)
+        return sum(entry.num_tokens for entry in chain)
+
+    def _check_kv(self, kv: Any, num_tokens: int) -> Any:
+        """Check ``kv`` against the layout and return what to slice chunks from (numpy for host copies
+        of JAX or generic DLPack sources)."""
+        layout = self._layout
+        shape = getattr(kv, "shape", None)
+        if shape is not None and len(shape) == 5 and shape[2] != num_tokens:
+            raise ChunkShapeError(
+                f"kv has {shape[2]} tokens (dim 2 of shape {tuple(shape)}) but tokens has {num_tokens}; "
+                "pass the KV of exactly these tokens"
+            )
+        framework = check_array(kv, layout.view_shape(num_tokens), layout, "kv")
+        if framework == "dlpack" or (framework == "jax" and self._host):
+            return host_array_of(kv, framework)  # JAX on the CPU: a view, not a copy
+        return kv
+
+    def _take_slot(self, num_tokens: int) -> KVObj | None:
+        """Allocate a slot, evicting least recently used leaves until one is free (under the lock).
+
+        Returns None when the pool is full and nothing is evictable.
+        """
+        like = self._like[num_tokens]
+        obj = self.pool.allocate(like)
+        while obj is None:
+            if not self._lru:
+                return None
+            self._drop_front()
+            self._evicted += 1
+            obj = self.pool.allocate(like)
+        return obj
+
+    def _copy_in(self, obj: KVObj, piece: Any) -> None:
+        if self._host and isinstance(piece, np.ndarray):
+            np.copyto(obj.as_numpy(), piece, casting="no")
+        else:
+            obj.copy_from(piece)
+
+    # -- retrieve and lease --------------------------------------------------------------------------
+    def retrieve(self, tokens: Any, *, out: Any = None, framework: str | None = None) -> tuple[Any, int]:
+        """Copy the longest cached prefix of ``tokens`` into one contiguous array.
+
+        Args:
+            tokens: the prompt's token ids.
+            out: optional writable numpy array or torch tensor (any device) of shape
+                ``(L, 2, T, H, D)`` with ``T >= n`` and the pool's dtype; ``out[:, :, :n]`` is written.
+            framework: ``"numpy"``, ``"torch"`` or ``"jax"`` for a new array (default: the pool's
+                backend). On a CPU pool, the result is made in host memory; on a GPU pool, on its device.
+
+        Returns:
+            ``(array, n)``: a new ``(L, 2, n, H, D)`` array (or ``out``) and the tokens copied;
+            ``(None, 0)`` on a miss, with ``out`` untouched.
+
+        Raises:
+            ChunkShapeError: ``out`` has the wrong shape or dtype, or fewer than ``n`` tokens; raised
+                before anything is copied, and the cache is unchanged.
+            ChunkTypeError: ``out`` is not a writable numpy array or torch tensor.
+            ConfigError: ``framework`` is not a backend name, or differs from ``out``'s.
+        """
+        ids = token_ids(tokens)
+        limit = self._check_out(out, framework) if out is not None else None
+        if out is None:
+            framework = self._check_framework(framework)
+        chain = self._pin_prefix(ids, limit, lease=False)
+        try:
+            num_tokens = sum(entry.num_tokens for entry in chain)
+            if not chain:
+                return None, 0
+            if out is not None:
+                result = out
+                for start, entry in self._spans(chain):
+                    self._copy_out(entry.obj, out[:, :, start : start + entry.num_tokens])
+            else:
+                result = self._gather(chain, num_tokens, framework)  # type: ignore[arg-type]
+        finally:
+            with self._lock:
+                self._unpin(chain)
+        return result, num_tokens
+
+    def lease(self, tokens: Any) -> Lease:
+        """Pin the chunks of the longest cached prefix of ``tokens`` and return them as a :class:`Lease`.
+
+        Use it as a context manager, or call ``release()``. A miss gives an empty lease.
+        """
+        return Lease(self, self._pin_prefix(token_ids(tokens), None, lease=True))
+
+    def _pin_prefix(self, ids: np.ndarray, limit: int | None, *, lease: bool) -> list[_Entry]:
+        """Pin (and count) the longest cached prefix of ``ids``; raise if it is longer than ``limit``."""
+        candidates = self._cached_keys(ids)
+        chain: list[_Entry] = []
+        with self._lock:
+            entries = self._entries
+            for key in candidates:  # the prefix may have shrunk since the unlocked walk
+                entry = entries.get(key)
+                if entry is None:
+                    break
+                chain.append(entry)
+            num_tokens = sum(entry.num_tokens for entry in chain)
+            if limit is not None and num_tokens > limit:
+                raise ChunkShapeError(
+                    f"out holds {limit} tokens (dim 2) but {num_tokens} cached tokens match; pass an out "
+                    f"with at least {num_tokens} tokens"
+                )
+            for entry in chain:
+                self._pin(entry)
+                if lease:
+                    if entry.leases == 0:
+                        self._leased += 1
+                    entry.leases += 1
+            self._hit_tokens += num_tokens
+            self._query_tokens += len(ids)
+        return chain
+
+    def _release_lease(self, lease: Lease) -> None:
+        with self._lock:
+            if lease._released:
+                return
+            lease._released = True
+            for entry in lease._chain:
+                entry.leases -= 1
+                if entry.leases == 0:
+                    self._leased -= 1
+            self._unpin(lease._chain)
+
+    def _check_framework(self, framework: str | None) -> str:
+        if framework is None:
+            return self.pool.backend
+        if framework not in _FRAMEWORKS:
+            raise ConfigError(f"framework must be one of {', '.join(_FRAMEWORKS)}, got {framework!r}")
+        if framework != "numpy":
+            load_adapter(framework)  # a missing framework raises here, before anything is pinned
+        return framework
+
+    def _check_out(self, out: Any, framework: str | None) -> int:
+        """Check ``out`` (all but its token count, which depends on the hit) and return its tokens."""
+        kind = framework_of(out)
+        if kind not in ("numpy", "torch"):
+            raise ChunkTypeError(
+                f"out must be a writable numpy array or torch tensor, got a {type(out).__name__}; JAX "
+                "arrays are immutable: use framework='jax' to get a new one"
+            )
+        if framework is not None and framework != kind:
+            raise ConfigError(f"out is a {kind} array but framework={framework!r}; pass one or the other")
+        shape = tuple(out.shape)
+        if len(shape) != 5:
+            raise ChunkShapeError(f"out must have 5 dims (L, 2, T, H, D), got shape {shape}")
+        check_array(out, self._layout.view_shape(shape[2]), self._layout, "out")
+        if kind == "numpy" and not out.flags.writeable:
+            raise ChunkTypeError("out is a read-only numpy array; pass a writable one")
+        return int(shape[2])
+
+    def _spans(self, chain: list[_Entry]) -> Iterator[tuple[int, _Entry]]:
+        start = 0
+        for entry in chain:
+            yield start, entry
+            start += entry.num_tokens
+
+    def _copy_out(self, obj: KVObj, dst: Any) -> None:
+        if isinstance(dst, np.ndarray):
+            if self._host:
+                np.copyto(dst, obj.as_numpy(), casting="no")
+                return
+            if not dst.flags.c_contiguous:  # device arenas copy into contiguous host memory only
+                np.copyto(dst, obj.clone("numpy"), casting="no")
+                return
+        obj.copy_to(dst)
+
+    def _gather(self, chain: list[_Entry], num_tokens: int, framework: str) -> Any:
+        """Copy the chain into a new contiguous array of ``framework`` (host or the pool's device)."""
+        layout = self._layout
+        shape = layout.view_shape(num_tokens)
+        if not self._host and framework != "numpy":
+            views = [getattr(entry.obj, f"as_{framework}")() for entry in chain]
+            if framework == "jax":
+                import jax.numpy as jnp
+
+                return jnp.concatenate(views, axis=2).block_until_ready()
+            import torch
+
+            return torch.cat(views, dim=2)
+        spec = layout.dtype
+        nbytes = layout.num_elems(num_tokens) * spec.itemsize
+        raw = np.empty(nbytes + _OUTPUT_ALIGNMENT, dtype=np.uint8)
+        start = (-raw.ctypes.data) % _OUTPUT_ALIGNMENT
+        bits = raw[start : start + nbytes].view(spec.bits_dtype).reshape(shape)
+        typed = bits.view(spec.numpy_dtype)
+        for offset, entry in self._spans(chain):
+            self._copy_out(entry.obj, typed[:, :, offset : offset + entry.num_tokens])
+        if framework == "numpy":
+            return typed
+        return load_adapter(framework).from_host(bits, spec)
+
+    # -- eviction ------------------------------------------------------------------------------------
+    def clear(self) -> int:
+        """Drop every chunk that is not pinned (leased, or in use by a running call); return how many."""
+        with self._lock:
+            count = 0
+            while self._lru:
+                self._drop_front()
+                count += 1
+            self._cleared += count
+        return count
+
+    def _pin(self, entry: _Entry) -> None:
+        """Pin ``entry`` (under the lock): it leaves the recency list while pinned."""
+        if entry.pins == 0:
+            del self._lru[entry.key]
+        entry.pins += 1
+
+    def _unpin(self, chain: list[_Entry]) -> None:
+        """Unpin a prefix tail-first (under the lock): entries whose last pin goes become the most
+        recent, each parent after its children."""
+        lru = self._lru
+        for entry in reversed(chain):
+            entry.pins -= 1
+            if entry.pins == 0:
+                lru[entry.key] = entry
+
+    def _drop_front(self) -> None:
+        """Drop the least recently used evictable entry, a leaf by the ordering invariant (under the lock)."""
+        key, entry = self._lru.popitem(last=False)
+        if entry.children:
+            self._lru[key] = entry
+            self._lru.move_to_end(key, last=False)
+            raise CacheInvariantError(
+                f"the least recently used chunk has {entry.children} cached children; eviction refused"
+            )
+        del self._entries[key]
+        if entry.parent is not None:
+            entry.parent.children -= 1
+        self.pool.free(entry.obj)
+
+    def __repr__(self) -> str:
+        return f"ChunkCache({len(self._entries)} chunks, namespace={self.namespace!r}, pool={self.pool!r})"
+
+
+__all__ = [
+    "KEY_BYTES",
+    "CacheInvariantError",
+    "CacheStats",
+    "ChunkCache",
+    "Lease",
+    "TokensTypeError",
+    "TokensValueError",
+    "token_ids",
+]
