@@ -3,7 +3,10 @@
 What is checked: the model is built offline and deterministically; ``DynamicCache`` <-> ``(L, 2, T, H, D)``
 conversions are bit-exact; a prefill of only the suffix on a rebuilt cache gives the full prefill's
 logits (fp32 within 1e-4) and the same greedy continuation; the JAX forward pass with DLPack-moved weights
-gives torch's logits and KV. bf16 uses the tolerance of :func:`bf16_budget` (the reason is there).
+gives torch's logits and KV; and prefix reuse through a :class:`~lmcache.chunk_cache.ChunkCache` in every
+direction (torch -> torch, torch -> JAX through zero-copy views, JAX -> torch) on a prefix hit, a partial
+hit, a miss and a whole-prompt hit. bf16 uses the tolerance of :func:`bf16_budget` (the reason is there).
+All deterministic: seeded weights and prompts.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from kvtest import pointer, require
 FP32_ATOL = 1e-4
 PROMPT = 40  # tokens: two full chunks of 16 and a partial one, in the chunk-cache tests
 PREFIX = 32
+CHUNK = 16
 
 
 @pytest.fixture(scope="module")
@@ -252,3 +256,123 @@ def test_jax_forward_rejects_bad_input(jax_models: dict[str, Any], torch_models:
         LlamaSpec.from_config(scaled.config)
     with pytest.raises(ConfigError, match="bias"):
         LlamaSpec.from_config(tiny_llama(torch.float32, attention_bias=True).config)
+
+
+# -- prefix reuse through the chunk cache ------------------------------------------------------------------
+def model_cache(backend: str, dtype: str, slots: int = 16) -> Any:
+    """A chunk cache over a CPU pool of ``slots`` chunks of the tiny Llama's KV (16 tokens each)."""
+    from lmcache.chunk_cache import ChunkCache
+    from lmcache.config import LMCacheMemPoolMetadata
+    from lmcache.layout import SlotLayout
+    from lmcache.storage_backend.mem_pool import LocalCPUPool
+
+    shape = (4, 2, CHUNK, 2, 64)
+    slot_bytes = SlotLayout.from_metadata(LMCacheMemPoolMetadata(shape, dtype, 1.0)).slot_bytes
+    meta = LMCacheMemPoolMetadata(shape, dtype, slots * slot_bytes / 2**30)
+    return ChunkCache(LocalCPUPool(meta, backend=backend, pin_memory=False), namespace=f"tiny-llama/{dtype}")
+
+
+# The first request, then (request, tokens reused) for: a prefix hit (two whole chunks), a partial hit
+# (the second chunk differs after 4 shared tokens), a miss, and the first prompt again (all but its last
+# token: that one is always computed).
+FIRST = prompt(10)
+REQUESTS = (
+    ("prefix hit", FIRST[:PREFIX] + prompt(11, 8), PREFIX),
+    ("partial hit", FIRST[:20] + prompt(12, 20), CHUNK),
+    ("miss", prompt(13), 0),
+    ("whole prompt", FIRST, PROMPT - 1),
+)
+
+
+def tolerance(torch_models: dict[str, Any], dtype: str, tokens: list[int]) -> float:
+    return FP32_ATOL if dtype == "float32" else bf16_budget(torch_models, tokens)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_prefix_reuse_matches_full_prefill(torch_models: dict[str, Any], dtype: str) -> None:
+    from lmcache_torch.hf import greedy, prefill, prefill_with_cache
+
+    model = torch_models[dtype]
+    cache = model_cache("torch", dtype)
+    _, _, reused = prefill_with_cache(model, cache, FIRST)
+    assert reused == 0
+    assert cache.lookup(FIRST) == PROMPT
+    for label, request, expected in REQUESTS:
+        assert cache.lookup(request) == (PROMPT if label == "whole prompt" else expected), label
+        full, full_cache = prefill(model, request)
+        logits, kv_cache, reused = prefill_with_cache(model, cache, request)
+        assert reused == expected, label
+        assert logits.shape == (PROMPT - expected, 512)
+        assert max_diff(logits, full[expected:]) <= tolerance(torch_models, dtype, request), label
+        if dtype == "float32":
+            assert greedy(model, kv_cache, logits, 8) == greedy(model, full_cache, full, 8), label
+        assert cache.lookup(request) == PROMPT, "the request's own chunks are stored after it"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_jax_reads_torch_prefix_through_zero_copy_views(
+    torch_models: dict[str, Any], jax_models: dict[str, Any], dtype: str
+) -> None:
+    from lmcache_jax.llama import prefill_with_cache as jax_prefill
+    from lmcache_torch.hf import prefill, prefill_with_cache
+
+    cache = model_cache("torch", dtype)
+    prefill_with_cache(torch_models[dtype], cache, FIRST)
+    request = REQUESTS[0][1]
+    with cache.lease(request) as lease:  # what jax_prefill reads: views of the slots, no copy
+        assert lease.num_tokens == PREFIX
+        views = [chunk.as_jax() for chunk in lease.chunks]
+        assert [pointer(v) for v in views] == [cache.pool.slot_address(c.chunk_idx) for c in lease.chunks]
+    spec, params = jax_models[dtype]
+    for label, request, expected in REQUESTS:
+        full, _ = prefill(torch_models[dtype], request)
+        logits, kv, reused = jax_prefill(spec, params, cache, request, store=False)
+        assert reused == expected, label
+        assert kv.shape == (4, 2, PROMPT, 2, 64)
+        assert max_diff(logits, full[expected:]) <= tolerance(torch_models, dtype, request), label
+    assert cache.stats().leased == 0, "every lease was released"
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_consumes_jax_prefix(
+    torch_models: dict[str, Any], jax_models: dict[str, Any], dtype: str
+) -> None:
+    from lmcache_jax.llama import prefill_with_cache as jax_prefill
+    from lmcache_torch.hf import greedy, prefill, prefill_with_cache
+
+    cache = model_cache("jax", dtype)
+    spec, params = jax_models[dtype]
+    _, kv, reused = jax_prefill(spec, params, cache, FIRST)
+    assert reused == 0
+    assert cache.lookup(FIRST) == PROMPT
+    with cache.lease(FIRST) as lease:  # the stored bytes are the JAX KV's, and torch views alias them
+        stored = [chunk.as_torch() for chunk in lease.chunks]
+        assert [pointer(t) for t in stored] == [cache.pool.slot_address(c.chunk_idx) for c in lease.chunks]
+        assert max_diff(require("torch").cat(stored, dim=2), kv) == 0.0
+    model = torch_models[dtype]
+    for label, request, expected in REQUESTS:
+        full, full_cache = prefill(model, request)
+        logits, kv_cache, reused = prefill_with_cache(model, cache, request, store=False)
+        assert reused == expected, label
+        assert max_diff(logits, full[expected:]) <= tolerance(torch_models, dtype, request), label
+        if dtype == "float32":
+            assert greedy(model, kv_cache, logits, 8) == greedy(model, full_cache, full, 8), label
+
+
+def test_prefill_with_cache_rejects_a_pool_of_another_model(
+    torch_models: dict[str, Any], jax_models: dict[str, Any]
+) -> None:
+    from lmcache.errors import ConfigError
+    from lmcache_jax.llama import prefill_with_cache as jax_prefill
+    from lmcache_torch.hf import prefill_with_cache
+
+    cache = model_cache("torch", "bfloat16")
+    with pytest.raises(ConfigError, match="model's KV"):
+        prefill_with_cache(torch_models["float32"], cache, FIRST)
+    with pytest.raises(ConfigError, match="model's KV"):
+        jax_prefill(*jax_models["float32"], cache, FIRST)
+    with pytest.raises(ConfigError, match="at least one token"):
+        prefill_with_cache(torch_models["bfloat16"], cache, [])
+    with pytest.raises(ConfigError, match="at least one token"):
+        jax_prefill(*jax_models["bfloat16"], cache, [])
+    assert len(cache) == 0, "nothing was stored"

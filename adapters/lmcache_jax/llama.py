@@ -5,7 +5,8 @@ It computes what ``transformers``' ``LlamaForCausalLM`` computes, step for step 
 ``position * inv_freq`` and cast to the model's dtype; GQA attention with a float32 softmax; SwiGLU MLP),
 so that logits agree with the torch model's to float32 rounding. Its KV is ``(num_layers, 2, T,
 num_kv_heads, head_dim)``, the layout :class:`lmcache.chunk_cache.ChunkCache` stores: a prefix read from a
-pool (chunk views, ``as_jax()``) goes straight in, and the KV it returns can be stored as it is.
+pool (chunk views, ``as_jax()``) goes straight in, and the KV it returns can be stored as it is;
+:func:`prefill_with_cache` is the whole serving step on a :class:`~lmcache.chunk_cache.ChunkCache`.
 
 Weights come from a ``transformers`` model through DLPack (:func:`params_from_torch`): the JAX arrays
 alias the torch parameters' memory where alignment allows, so nothing is copied or converted.
@@ -22,6 +23,7 @@ from typing import Any, cast
 import jax
 import jax.numpy as jnp
 
+from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ChunkShapeError, ConfigError
 
 Params = dict[str, Any]
@@ -208,4 +210,52 @@ def forward(
     return logits, kv
 
 
-__all__ = ["LlamaSpec", "Params", "forward", "params_from_torch"]
+def prefill_with_cache(
+    spec: LlamaSpec, params: Params, chunk_cache: ChunkCache, token_ids: Any, *, store: bool = True
+) -> tuple[jax.Array, jax.Array, int]:
+    """Serve a prompt's prefill: read its longest cached prefix in place, compute the rest, store the KV.
+
+    The prefix is read through zero-copy JAX views of the pool's slots (a lease, ``as_jax()``), from a
+    pool of any backend on the CPU; the lease is released only after the computation that reads them has
+    finished. At most ``len(token_ids) - 1`` tokens are reused: the last token is always computed.
+
+    Args:
+        spec, params: the model (from :func:`params_from_torch`).
+        chunk_cache: the chunk cache to read from and store into; its pool holds chunks of
+            ``(num_layers, 2, chunk_size, num_kv_heads, head_dim)`` in the weights' dtype.
+        token_ids: the whole prompt, 1-D.
+        store: store the prompt's KV afterwards (chunks already cached are not copied again).
+
+    Returns:
+        ``(logits, kv, reused)``: logits of the tokens after the reused prefix, the KV of the whole prompt
+        ``(num_layers, 2, len(token_ids), num_kv_heads, head_dim)``, and the tokens reused.
+
+    Raises:
+        ConfigError: an empty prompt, or a pool whose chunks are not this model's KV shape or dtype.
+    """
+    tokens = [int(t) for t in token_ids]
+    if not tokens:
+        raise ConfigError("prefill_with_cache needs a prompt of at least one token")
+    layout = chunk_cache.pool.layout
+    expected = (spec.num_layers, 2, layout.chunk_size, spec.num_kv_heads, spec.head_dim)
+    dtype = str(params["embed"].dtype)
+    if tuple(layout.kv_shape) != expected or layout.dtype.name != dtype:
+        raise ConfigError(
+            f"the pool holds {tuple(layout.kv_shape)} chunks of {layout.dtype.name} but the model's KV is "
+            f"{expected} of {dtype}: build the pool for this model's KV shape and dtype"
+        )
+    with chunk_cache.lease(tokens) as lease:
+        reused = min(lease.num_tokens, len(tokens) - 1)
+        prefix = None
+        if reused:
+            views = [chunk.as_jax() for chunk in lease.chunks]
+            prefix = jnp.concatenate(views, axis=2)[:, :, :reused]
+        logits, kv = forward(spec, params, tokens[reused:], prefix)
+        # JAX runs asynchronously: the views must stay pinned until every read of them is done.
+        jax.block_until_ready((logits, kv))  # type: ignore[no-untyped-call]
+    if store:
+        chunk_cache.store(tokens, kv)
+    return logits, kv, reused
+
+
+__all__ = ["LlamaSpec", "Params", "forward", "params_from_torch", "prefill_with_cache"]

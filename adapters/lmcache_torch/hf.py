@@ -9,7 +9,8 @@ for ``transformers`` Llama-architecture models:
   ``(1, num_kv_heads, T, head_dim)``) and the chunk layout ``(num_layers, 2, T, num_kv_heads, head_dim)``
   that :class:`lmcache.chunk_cache.ChunkCache` stores: :func:`cache_to_kv` and :func:`kv_to_cache`;
 * a prefill that starts from a cached prefix: :func:`prefill` runs only the tokens after it, and
-  :func:`greedy` continues from the cache it returns.
+  :func:`greedy` continues from the cache it returns; :func:`prefill_with_cache` is the whole serving
+  step (retrieve the longest cached prefix, rebuild the cache, prefill the rest, store the new chunks).
 
 torch is imported at module level (this is the torch adapter); ``transformers`` only inside the functions
 that need it, so ``import lmcache_torch.hf`` works without it and a missing install names the extra.
@@ -28,6 +29,7 @@ from typing import Any
 import torch
 from torch.utils.dlpack import from_dlpack
 
+from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
 
 #: The tiny model's shape: 4 layers, 4 query heads sharing 2 KV heads (GQA), head size 64.
@@ -201,6 +203,59 @@ def prefill(
     return output.logits[0], cache
 
 
+def check_pool(model: Any, chunk_cache: ChunkCache) -> None:
+    """Check that ``chunk_cache``'s pool holds ``model``'s KV: layers, heads, head size and dtype.
+
+    Raises:
+        ConfigError: the pool's chunk shape or dtype is not the model's (the message says which to use).
+    """
+    layout = chunk_cache.pool.layout
+    expected = kv_shape(model, layout.chunk_size)
+    dtype = str(model.dtype).removeprefix("torch.")
+    if tuple(layout.kv_shape) != expected or layout.dtype.name != dtype:
+        raise ConfigError(
+            f"the pool holds {tuple(layout.kv_shape)} chunks of {layout.dtype.name} but the model's KV is "
+            f"{expected} of {dtype}: build the pool with kv_shape(model, chunk_size) and the model's dtype"
+        )
+
+
+@torch.no_grad()
+def prefill_with_cache(
+    model: Any, chunk_cache: ChunkCache, token_ids: Sequence[int], *, store: bool = True
+) -> tuple[torch.Tensor, Any, int]:
+    """Serve a prompt's prefill: reuse its longest cached prefix, compute the rest, store the new chunks.
+
+    The cached prefix is copied out of the pool (``retrieve``) and into a new ``DynamicCache``, so the
+    pool's chunks may be evicted as soon as this returns. At most ``len(token_ids) - 1`` tokens are
+    reused: the last token is always computed, since its logits are the answer.
+
+    Args:
+        model: the model whose KV the cache holds (see :func:`check_pool`).
+        chunk_cache: the chunk cache to read from and store into.
+        token_ids: the whole prompt, 1-D.
+        store: store the prompt's KV afterwards (chunks already cached are not copied again).
+
+    Returns:
+        ``(logits, cache, reused)``: logits of the tokens after the reused prefix,
+        ``(len(token_ids) - reused, vocab)``; the ``DynamicCache`` of the whole prompt (continue it with
+        :func:`greedy`); and ``reused``, the tokens taken from the chunk cache.
+
+    Raises:
+        ConfigError: an empty prompt, or a pool that does not hold this model's KV.
+    """
+    tokens = [int(t) for t in token_ids]
+    if not tokens:
+        raise ConfigError("prefill_with_cache needs a prompt of at least one token")
+    check_pool(model, chunk_cache)
+    prefix, cached = chunk_cache.retrieve(tokens, framework="torch")
+    reused = min(cached, len(tokens) - 1)
+    cache = kv_to_cache(prefix[:, :, :reused]) if reused else None
+    logits, cache = prefill(model, tokens[reused:], cache)
+    if store:
+        chunk_cache.store(tokens, cache_to_kv(cache))
+    return logits, cache, reused
+
+
 @torch.no_grad()
 def greedy(model: Any, cache: Any, logits: torch.Tensor, steps: int) -> list[int]:
     """Continue greedily for ``steps`` tokens from a prefilled ``cache`` and its last ``logits``.
@@ -227,4 +282,14 @@ def greedy(model: Any, cache: Any, logits: torch.Tensor, steps: int) -> list[int
     return tokens
 
 
-__all__ = ["TINY_LLAMA", "cache_to_kv", "greedy", "kv_shape", "kv_to_cache", "prefill", "tiny_llama"]
+__all__ = [
+    "TINY_LLAMA",
+    "cache_to_kv",
+    "check_pool",
+    "greedy",
+    "kv_shape",
+    "kv_to_cache",
+    "prefill",
+    "prefill_with_cache",
+    "tiny_llama",
+]
