@@ -588,6 +588,12 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     for backend in backends:
         steps.append((f"{backend}: construction", partial(bench_construction, backend, opts)))
     steps.append(("cross-framework views", partial(bench_views, backends, opts)))
+    steps.append(
+        (
+            "serving scenario",
+            partial(importlib.import_module("lmcache.bench_serving").bench_serving, backends, opts),
+        )
+    )
 
     def say(text: str) -> None:
         if opts.progress is not None:

@@ -376,3 +376,15 @@ def test_prefill_with_cache_rejects_a_pool_of_another_model(
     with pytest.raises(ConfigError, match="at least one token"):
         jax_prefill(*jax_models["bfloat16"], cache, [])
     assert len(cache) == 0, "nothing was stored"
+
+
+def test_serving_scenario_is_left_out_without_torch() -> None:
+    import io
+
+    from lmcache.bench import Options
+    from lmcache.bench_serving import available, bench_serving
+
+    progress = io.StringIO()
+    assert not available(["numpy", "jax"])
+    assert bench_serving(["numpy", "jax"], Options(repeat=2, progress=progress)) == []
+    assert "needs torch and transformers" in progress.getvalue()
