@@ -32,11 +32,12 @@ from torch.utils.dlpack import from_dlpack
 from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
 
-#: The tiny model's shape: 4 layers, 4 query heads sharing 2 KV heads (GQA), head size 64.
+#: The tiny model's shape: 4 layers, 4 query heads sharing 2 KV heads (GQA), head size 64, an MLP of
+#: Llama-3's proportions. Random weights: its tokens mean nothing, its arithmetic is a Llama's.
 TINY_LLAMA: dict[str, Any] = {
     "vocab_size": 512,
     "hidden_size": 256,
-    "intermediate_size": 512,
+    "intermediate_size": 896,  # 3.5x hidden, Llama-3's proportion (8B: 14336 / 4096)
     "num_hidden_layers": 4,
     "num_attention_heads": 4,
     "num_key_value_heads": 2,
