@@ -388,3 +388,16 @@ def test_serving_scenario_is_left_out_without_torch() -> None:
     assert not available(["numpy", "jax"])
     assert bench_serving(["numpy", "jax"], Options(repeat=2, progress=progress)) == []
     assert "needs torch and transformers" in progress.getvalue()
+
+
+def test_serving_bench_module_imports_no_framework() -> None:
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, lmcache.bench_serving\n"
+        "bad = [m for m in ('torch', 'jax', 'transformers') if m in sys.modules]\n"
+        "sys.exit(f'imported: {bad}' if bad else 0)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
