@@ -128,11 +128,9 @@ def cache_to_kv(cache: Any, *, start: int = 0, out: torch.Tensor | None = None) 
         out = torch.empty(shape, dtype=keys0.dtype, device=keys0.device)
     elif tuple(out.shape) != shape or out.dtype != keys0.dtype:
         raise ChunkShapeError(f"out must be {shape} of {keys0.dtype}, got {tuple(out.shape)} of {out.dtype}")
-    # One stack (contiguous) and one strided copy: per-layer copies of transposed views are ~50x slower.
-    stacked = torch.stack(
-        [torch.stack((layer.keys[0, :, start:], layer.values[0, :, start:])) for layer in layers]
-    )
-    out.copy_(stacked.transpose(2, 3))
+    for index, layer in enumerate(layers):
+        out[index, 0].copy_(layer.keys[0, :, start:].transpose(0, 1))
+        out[index, 1].copy_(layer.values[0, :, start:].transpose(0, 1))
     return out
 
 
@@ -163,11 +161,11 @@ def kv_to_cache(kv: Any, cache: Any = None) -> Any:
         )
     if cache is None:
         cache = _transformers().DynamicCache()
-    # One copy into (L, 2, H, T, D), so that each layer's (1, H, T, D) is contiguous: the cache's
-    # concatenation of a transposed view instead is ~50x slower. The cache owns these copies.
-    heads_first = kv.transpose(2, 3).contiguous()
-    for index in range(heads_first.shape[0]):
-        cache.update(heads_first[index, 0].unsqueeze(0), heads_first[index, 1].unsqueeze(0), index)
+    for index in range(kv.shape[0]):
+        # (T, H, D) -> (1, H, T, D); update() concatenates, which copies out of the source.
+        keys = kv[index, 0].transpose(0, 1).unsqueeze(0)
+        values = kv[index, 1].transpose(0, 1).unsqueeze(0)
+        cache.update(keys, values, index)
     return cache
 
 
