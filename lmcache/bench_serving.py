@@ -120,9 +120,9 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
             )
         )
 
-    # torch runs on one intra-op thread (restored afterwards): with its default pool on a machine whose
-    # cores are shared, measured here, one cached TTFT varied from 0.5 to 3 s as threads waited for each
-    # other; on one thread it varied from 255 to 371 ms. The ratio then measures the work saved.
+    # torch runs on one intra-op thread (restored afterwards). Measured here, on 2 cores shared with
+    # other jobs: with torch's default 2 threads six cached TTFTs ranged from 0.5 to 3 s, on one thread
+    # from 255 to 371 ms; the best of a few trials is then a stable measure of the work saved.
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
