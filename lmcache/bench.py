@@ -588,6 +588,9 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     for backend in backends:
         steps.append((f"{backend}: construction", partial(bench_construction, backend, opts)))
     steps.append(("cross-framework views", partial(bench_views, backends, opts)))
+    from lmcache.bench_cache import bench_chunk_cache  # here: bench_cache imports this module
+
+    steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
     steps.append(
         (
             "serving scenario",

@@ -34,6 +34,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.arena import check_array, framework_of, host_array_of
+from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
 from lmcache.registry import load_adapter
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
@@ -132,6 +133,29 @@ def token_ids(tokens: Any) -> np.ndarray:
     return np.ascontiguousarray(ids, dtype=_INT64_LE)
 
 
+def _id_bytes(ids: np.ndarray) -> memoryview:
+    """The bytes of a contiguous little-endian int64 array, without a copy where the host allows."""
+    try:
+        return ids.data.cast("B")
+    except (TypeError, ValueError):  # a non-native byte order (big-endian host): copy the bytes out
+        return memoryview(ids.tobytes())
+
+
+def _numpy_of_cpu_tensor(tensor: Any, spec: DTypeSpec) -> np.ndarray | None:
+    """A numpy view (no copy) of a CPU torch tensor of ``spec``, through its bits; None on a GPU.
+
+    The cache copies host chunks with numpy: one copy loop for every framework, single-threaded, so
+    that its bandwidth does not depend on torch's thread pool (which slows down on a busy machine).
+    """
+    if tensor.device.type != "cpu":
+        return None
+    import torch
+
+    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[spec.itemsize]
+    array: np.ndarray = tensor.detach().view(bits).numpy().view(spec.numpy_dtype)
+    return array
+
+
 class _Entry:
     """One cached chunk. Fields change only under the cache's lock."""
 
@@ -173,6 +197,9 @@ class Lease:
 
     A leased chunk is never evicted, cleared or overwritten. Leases count: two leases of one chunk need
     two releases. Release every lease: a forgotten one keeps its slots pinned for the cache's life.
+    ``release()`` empties ``chunks``: from then on the slots may be reused for other chunks (an evicted
+    slot is handed to the next chunk of the same length without going back to the pool), so views taken
+    from a released lease must not be read.
     """
 
     __slots__ = ("_cache", "_chain", "_released", "chunks", "num_tokens")
@@ -287,7 +314,7 @@ class ChunkCache:
 
     def _iter_keys(self, ids: np.ndarray) -> Iterator[bytes]:
         """Yield the chunk keys of ``ids`` lazily (a miss stops the caller early, sparing the hashing)."""
-        data = memoryview(ids.tobytes())
+        data = _id_bytes(ids)
         step = self._chunk_size * 8
         key = self._root
         for offset in range(0, len(data), step):
@@ -295,11 +322,19 @@ class ChunkCache:
             yield key
 
     def _cached_keys(self, ids: np.ndarray) -> list[bytes]:
-        """Return the keys of the longest prefix cached now (read without the lock: dict reads are
-        atomic, and an entry is in the dict only once its bytes are in its slot)."""
+        """Return the keys of the longest prefix cached now.
+
+        Read without the lock: dict reads are atomic, and an entry is in the dict only once its bytes are
+        in its slot. Hashes lazily, so a miss costs one chunk's hash (the loop is ``_iter_keys`` inlined:
+        this is ``lookup``'s whole cost).
+        """
+        data = _id_bytes(ids)
+        step = self._chunk_size * 8
         entries = self._entries
+        key = self._root
         found = []
-        for key in self._iter_keys(ids):
+        for offset in range(0, len(data), step):
+            key = blake2b(data[offset : offset + step], digest_size=KEY_BYTES, key=key).digest()
             if key not in entries:
                 break
             found.append(key)
@@ -361,6 +396,7 @@ class ChunkCache:
         chunk_size, total = self._chunk_size, len(ids)
         chain: list[_Entry] = []
         lock, entries = self._lock, self._entries
+        pool_full = False
         try:
             for index, key in enumerate(keys):
                 start = index * chunk_size
@@ -371,7 +407,7 @@ class ChunkCache:
                         self._pin(entry)
                         chain.append(entry)
                         continue
-                    obj = self._take_slot(num_tokens)
+                    obj, pool_full = self._take_slot(num_tokens, pool_full)
                 if obj is None:
                     break  # nothing left to evict
                 try:
@@ -409,24 +445,38 @@ class ChunkCache:
                 "pass the KV of exactly these tokens"
             )
         framework = check_array(kv, layout.view_shape(num_tokens), layout, "kv")
+        if framework == "torch" and self._host:
+            host = _numpy_of_cpu_tensor(kv, layout.dtype)
+            return kv if host is None else host
         if framework == "dlpack" or (framework == "jax" and self._host):
             return host_array_of(kv, framework)  # JAX on the CPU: a view, not a copy
         return kv
 
-    def _take_slot(self, num_tokens: int) -> KVObj | None:
-        """Allocate a slot, evicting least recently used leaves until one is free (under the lock).
+    def _take_slot(self, num_tokens: int, pool_full: bool) -> tuple[KVObj | None, bool]:
+        """Get a slot, evicting least recently used leaves until one is free (under the lock).
 
-        Returns None when the pool is full and nothing is evictable.
+        ``pool_full`` says the pool had no free slot for this store's previous chunk: then eviction
+        comes first, sparing a failed ``allocate`` per chunk (a slot freed meanwhile by someone else is
+        still found once nothing is evictable). Returns the slot (None when the pool is full and nothing
+        is evictable) and whether the pool was found full.
         """
         like = self._like[num_tokens]
-        obj = self.pool.allocate(like)
+        obj = None if pool_full else self.pool.allocate(like)
         while obj is None:
             if not self._lru:
-                return None
-            self._drop_front()
+                if not pool_full:
+                    return None, True
+                pool_full = False  # look once more for a slot freed by someone else
+                obj = self.pool.allocate(like)
+                continue
+            pool_full = True
+            victim = self._drop_front()
             self._evicted += 1
+            if victim.num_tokens == num_tokens:
+                return victim.obj, True  # the evicted slot, as it is: no free and allocate round trip
+            self.pool.free(victim.obj)
             obj = self.pool.allocate(like)
-        return obj
+        return obj, pool_full
 
     def _copy_in(self, obj: KVObj, piece: Any) -> None:
         if self._host and isinstance(piece, np.ndarray):
@@ -466,6 +516,9 @@ class ChunkCache:
                 return None, 0
             if out is not None:
                 result = out
+                host = None if isinstance(out, np.ndarray) else _numpy_of_cpu_tensor(out, self._layout.dtype)
+                if self._host and host is not None:  # a CPU tensor: write through numpy
+                    out = host
                 for start, entry in self._spans(chain):
                     self._copy_out(entry.obj, out[:, :, start : start + entry.num_tokens])
             else:
@@ -514,6 +567,7 @@ class ChunkCache:
             if lease._released:
                 return
             lease._released = True
+            lease.chunks = []  # their slots may hold other chunks from now on
             for entry in lease._chain:
                 entry.leases -= 1
                 if entry.leases == 0:
@@ -545,6 +599,8 @@ class ChunkCache:
         check_array(out, self._layout.view_shape(shape[2]), self._layout, "out")
         if kind == "numpy" and not out.flags.writeable:
             raise ChunkTypeError("out is a read-only numpy array; pass a writable one")
+        if kind == "torch" and out.requires_grad:
+            raise ChunkTypeError("out requires grad; pass a tensor that does not (or out.detach())")
         return int(shape[2])
 
     def _spans(self, chain: list[_Entry]) -> Iterator[tuple[int, _Entry]]:
@@ -575,7 +631,10 @@ class ChunkCache:
                 return jnp.concatenate(views, axis=2).block_until_ready()
             import torch
 
-            return torch.cat(views, dim=2)
+            result = torch.cat(views, dim=2)
+            if result.is_cuda:  # the slots are unpinned on return: the copy must be done by then
+                torch.cuda.current_stream(result.device).synchronize()
+            return result
         spec = layout.dtype
         nbytes = layout.num_elems(num_tokens) * spec.itemsize
         raw = np.empty(nbytes + _OUTPUT_ALIGNMENT, dtype=np.uint8)
@@ -594,7 +653,7 @@ class ChunkCache:
         with self._lock:
             count = 0
             while self._lru:
-                self._drop_front()
+                self.pool.free(self._drop_front().obj)
                 count += 1
             self._cleared += count
         return count
@@ -614,8 +673,9 @@ class ChunkCache:
             if entry.pins == 0:
                 lru[entry.key] = entry
 
-    def _drop_front(self) -> None:
-        """Drop the least recently used evictable entry, a leaf by the ordering invariant (under the lock)."""
+    def _drop_front(self) -> _Entry:
+        """Remove the least recently used evictable entry, a leaf by the ordering invariant, and return
+        it; its slot is the caller's to free or reuse (under the lock)."""
         key, entry = self._lru.popitem(last=False)
         if entry.children:
             self._lru[key] = entry
@@ -626,7 +686,7 @@ class ChunkCache:
         del self._entries[key]
         if entry.parent is not None:
             entry.parent.children -= 1
-        self.pool.free(entry.obj)
+        return entry
 
     def __repr__(self) -> str:
         return f"ChunkCache({len(self._entries)} chunks, namespace={self.namespace!r}, pool={self.pool!r})"

@@ -477,3 +477,41 @@ def test_bad_constructor_arguments() -> None:
         ChunkCache(object())  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="namespace must be a str"):
         ChunkCache(cache_pool(), namespace=b"x")  # type: ignore[arg-type]
+
+
+def test_empty_prompts_are_valid_and_cached_nowhere() -> None:
+    cache = _cache()
+    assert cache.store([], np.zeros((2, 2, 0, 2, 8), np.float16)) == 0
+    assert (cache.lookup([]), cache.retrieve([]), len(cache)) == (0, (None, 0), 0)
+    with cache.lease(np.array([], dtype=np.int64)) as lease:
+        assert (lease.num_tokens, lease.chunks) == (0, [])
+
+
+def test_the_cache_imports_no_framework() -> None:
+    code = textwrap.dedent(
+        """
+        import sys
+        import numpy as np
+        from lmcache.chunk_cache import ChunkCache
+        from lmcache.config import LMCacheMemPoolMetadata
+        from lmcache.storage_backend.mem_pool import LocalCPUPool
+        meta = LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "bfloat16", 0.001)
+        cache = ChunkCache(LocalCPUPool(meta, backend="numpy"))
+        kv = np.ones((2, 2, 20, 2, 8), dtype=meta.dtype.numpy_dtype)
+        assert cache.store(list(range(20)), kv) == 20
+        out, n = cache.retrieve(range(20))
+        with cache.lease((0, 1, 2)) as lease:
+            pass
+        assert n == 20 and out.tobytes() == kv.tobytes()
+        bad = [m for m in ("torch", "jax", "jaxlib") if m in sys.modules]
+        print("imported:", bad)
+        sys.exit(1 if bad else 0)
+        """
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([root, os.path.join(root, "adapters"), env.get("PYTHONPATH", "")])
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
