@@ -597,6 +597,12 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     from lmcache.bench_cache import bench_chunk_cache  # here: bench_cache imports this module
 
     steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
+    steps.append(
+        (
+            "serving scenario",
+            partial(importlib.import_module("lmcache.bench_serving").bench_serving, backends, opts),
+        )
+    )
 
     def say(text: str) -> None:
         if opts.progress is not None:
