@@ -599,6 +599,12 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
     steps.append(
         (
+            "serving scenario",
+            partial(importlib.import_module("lmcache.bench_serving").bench_serving, backends, opts),
+        )
+    )
+    steps.append(
+        (
             "remote tier (loopback redis)",
             partial(importlib.import_module("lmcache.bench_remote").bench_remote, opts),
         )
