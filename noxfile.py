@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import shutil
 
 import nox
 
@@ -23,10 +24,14 @@ nox.options.error_on_missing_interpreters = True
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 TORCH = shlex.split(os.environ.get("LMCACHE_TORCH_SPEC", "torch==2.13.0"))
 TEST_DEPS = nox.project.dependency_groups(PYPROJECT, "test")
+# The real-model tests and the bench's serving scenario build a Llama with transformers: pinned.
+TRANSFORMERS = "transformers==5.24.0"
 
 
-def _pytest(session: nox.Session, required: str, absent: str = "") -> None:
-    env = {"LMCACHE_REQUIRE_BACKENDS": required, "LMCACHE_ABSENT_FRAMEWORKS": absent}
+def _pytest(session: nox.Session, required: str, absent: str = "", also_required: str = "") -> None:
+    """Run pytest with ``required`` frameworks (and ``also_required`` packages) failing when missing."""
+    needed = ",".join(name for name in (required, also_required) if name)
+    env = {"LMCACHE_REQUIRE_BACKENDS": needed, "LMCACHE_ABSENT_FRAMEWORKS": absent}
     session.run("pytest", *session.posargs, env=env)
     # The main job on this install: its self-check must pass (a short run; figures come from `bench`).
     session.run(
@@ -58,12 +63,30 @@ def jax(session: nox.Session) -> None:
 
 @nox.session
 def interop(session: nox.Session) -> None:
-    """Tests with torch and JAX both installed: every cross-framework view and copy."""
+    """Tests with torch, JAX and transformers installed: every cross-framework view and copy, real models."""
     session.install(*TORCH)
-    session.install(".[all]", *TEST_DEPS)
-    _pytest(session, "numpy,torch,jax")
+    session.install(".[all,hf,redis]", TRANSFORMERS, *TEST_DEPS)
+    _pytest(session, "numpy,torch,jax", also_required="transformers")
     # The GPU tests: here they must import and skip cleanly (no GPU); a lent device runs them.
     session.run("pytest", "tests/gpu", "-o", "addopts=--import-mode=importlib -ra")
+
+
+@nox.session
+def remote(session: nox.Session) -> None:
+    """The remote tier against a real redis-server on 127.0.0.1: a missing server or client fails here.
+
+    redis-server comes from the system's packages: installed with apt-get when absent and running as root.
+    """
+    if shutil.which("redis-server") is None and hasattr(os, "geteuid") and os.geteuid() == 0:
+        session.run("apt-get", "update", external=True)
+        session.run("apt-get", "install", "-y", "redis-server", external=True)
+    if shutil.which("redis-server") is None:
+        session.error("redis-server is not installed: apt-get install redis-server (or run as root)")
+    session.install(*TORCH)
+    session.install(".[all,redis]", *TEST_DEPS)
+    env = {"LMCACHE_REQUIRE_BACKENDS": "numpy,torch,jax,redis"}
+    session.run("pytest", "tests/test_remote.py", "tests/test_remote_cache.py", *session.posargs, env=env)
+    session.run("python", "-m", "lmcache", "bench", "--quick", "--backend=numpy")
 
 
 @nox.session
@@ -78,7 +101,7 @@ def lint(session: nox.Session) -> None:
 def typecheck(session: nox.Session) -> None:
     """mypy --strict over lmcache, lmcache_torch and lmcache_jax (with both frameworks installed)."""
     session.install(*TORCH)
-    session.install("-e", ".[all]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
+    session.install("-e", ".[all,redis]", *nox.project.dependency_groups(PYPROJECT, "typecheck"))
     session.run("mypy")
 
 
@@ -86,7 +109,7 @@ def typecheck(session: nox.Session) -> None:
 def docs(session: nox.Session) -> None:
     """Build the Sphinx docs with warnings as errors, then run every example in them (doctest)."""
     session.install(*TORCH)
-    session.install(".[all]", *nox.project.dependency_groups(PYPROJECT, "docs"))
+    session.install(".[all,hf,redis]", TRANSFORMERS, *nox.project.dependency_groups(PYPROJECT, "docs"))
     common = ["-W", "--keep-going", "docs"]
     session.run("sphinx-build", "-b", "html", *common, "docs/_build/html")
     session.run("sphinx-build", "-b", "doctest", *common, "docs/_build/doctest")
@@ -96,6 +119,6 @@ def docs(session: nox.Session) -> None:
 def bench(session: nox.Session) -> None:
     """Benchmarks: the pytest-benchmark suite and ``python -m lmcache bench`` (not in the default run)."""
     session.install(*TORCH)
-    session.install(".[all]", *nox.project.dependency_groups(PYPROJECT, "bench"))
+    session.install(".[all,hf,redis]", TRANSFORMERS, *nox.project.dependency_groups(PYPROJECT, "bench"))
     session.run("pytest", "tests/bench", "--benchmark-only", "-o", "addopts=--import-mode=importlib")
     session.run("python", "-m", "lmcache", "bench", *session.posargs)

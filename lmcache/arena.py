@@ -8,13 +8,11 @@ adapters.
 
 from __future__ import annotations
 
-from typing import Any, Protocol, cast
+from typing import Any, Protocol
 
 import numpy as np
 
 from lmcache.dlpack import DLPackView
-from lmcache.dtypes import normalize_dtype
-from lmcache.errors import ChunkShapeError, ChunkTypeError
 from lmcache.hostmem import allocate_host, check_host_capacity
 from lmcache.layout import SlotLayout
 from lmcache.registry import load_adapter
@@ -42,27 +40,33 @@ class Arena(Protocol):
     host: np.ndarray | None
 
     def view(self, slot: int, num_tokens: int) -> Any:
-        """Return the native ``(L, 2, n, H, D)`` view at the start of ``slot`` (no copy)."""
+        """Return the native ``(L, 2, n, H, D)`` view at the start of ``slot`` (no copy), whose object
+        state is the caller's alone: a new view, or a cached one verified pristine."""
         ...
 
     def whole(self) -> Any:
-        """Return the whole arena as one native ``(num_slots, slot_elems)`` array (no copy)."""
+        """Return the whole arena as one native ``(num_slots, slot_elems)`` array (no copy), likewise."""
         ...
 
     def export(self, slot: int, num_tokens: int, target: str) -> Any:
-        """Return a view of a chunk in framework ``target`` (``numpy``, ``torch``, ``jax``), no copy."""
+        """Return a new view of a chunk in framework ``target`` (``numpy``, ``torch``, ``jax``), no copy."""
         ...
 
     def dlpack_producer(self, slot: int, num_tokens: int) -> Any:
         """Return an object with ``__dlpack__`` / ``__dlpack_device__`` for the chunk's memory."""
         ...
 
-    def copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
-        """Copy ``src`` (any framework, any device) into the chunk; return when the bytes are there."""
+    def copy_in(self, slot: int, num_tokens: int, src: Any, framework: str) -> None:
+        """Copy ``src`` (an array of ``framework``, any device, checked) into the chunk; exact even where
+        ``src`` overlaps the chunk; return when the bytes are there."""
         ...
 
-    def copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
-        """Copy the chunk into the writable array ``dst``; return when the bytes are there."""
+    def copy_out(self, slot: int, num_tokens: int, dst: Any, framework: str) -> None:
+        """Copy the chunk into the writable array ``dst`` (checked); return when the bytes are there."""
+        ...
+
+    def clone(self, slot: int, num_tokens: int, framework: str) -> Any:
+        """Return an owning copy of the chunk as an array of ``framework``, ready to use."""
         ...
 
     def close(self) -> None:
@@ -70,63 +74,22 @@ class Arena(Protocol):
         ...
 
 
-def framework_of(obj: object) -> str:
-    """Name the framework of an array: ``numpy``, ``torch``, ``jax`` or ``dlpack`` (any other producer).
-
-    Raises:
-        ChunkTypeError: ``obj`` is not an array at all.
-    """
-    if isinstance(obj, np.ndarray):
-        return "numpy"
-    module = type(obj).__module__ or ""
-    root = module.partition(".")[0]
-    if root == "torch":
-        return "torch"
-    if root in ("jax", "jaxlib"):
-        return "jax"
-    if hasattr(obj, "__dlpack__"):
-        return "dlpack"
-    raise ChunkTypeError(
-        f"expected an array (numpy, torch, JAX or any object with __dlpack__), got {type(obj).__name__}"
-    )
+def host_array_of(array: Any, framework: str) -> np.ndarray:
+    """Return an array's values as a numpy array: a view where the array is in host memory (numpy,
+    torch CPU, JAX CPU, bf16 / fp8 as ml_dtypes types), else a copy on the host. JAX arrays are waited
+    for first."""
+    return load_adapter(framework).to_host(array)
 
 
-def check_array(obj: Any, shape: tuple[int, ...], layout: SlotLayout, what: str) -> str:
-    """Check that ``obj`` is an array of exactly ``shape`` and the layout's dtype; return its framework."""
-    framework = framework_of(obj)
-    got = getattr(obj, "shape", None)
-    if got is None or tuple(got) != shape:
-        raise ChunkShapeError(f"{what} has shape {None if got is None else tuple(got)}, expected {shape}")
-    dtype = getattr(obj, "dtype", None)
-    if dtype is not None:
-        spec = normalize_dtype(dtype)
-        if spec is not layout.dtype:
-            raise ChunkShapeError(
-                f"{what} has dtype {spec.name}, expected {layout.dtype.name}; convert it first "
-                f"(for example .to(torch.{layout.dtype.name}) or .astype(jnp.{layout.dtype.name}))"
-            )
-    return framework
-
-
-def host_array_of(src: Any, framework: str) -> np.ndarray:
-    """Return a numpy array with ``src``'s values, without a copy where the source is host memory.
-
-    JAX arrays are waited for (``np.asarray`` blocks until they are computed) and, on a GPU, copied to
-    the host. Generic DLPack producers go through ``np.from_dlpack``; numpy cannot import bfloat16 or
-    float8 that way, which is reported with the fix.
-    """
+def clone_from_device(arena: Arena, slot: int, num_tokens: int, framework: str) -> Any:
+    """An owning copy of a chunk in device memory: numpy through a copy to the host, other frameworks
+    through their own copy of an exported view. For device arenas' ``clone``."""
     if framework == "numpy":
-        return cast(np.ndarray, src)
-    if framework == "jax":
-        return np.asarray(src)
-    try:
-        array: np.ndarray = np.from_dlpack(src)
-        return array
-    except (BufferError, TypeError, RuntimeError) as exc:
-        raise ChunkTypeError(
-            f"cannot read a {type(src).__name__} through DLPack into host memory ({exc}); "
-            "pass a numpy, torch or JAX array instead"
-        ) from exc
+        layout = arena.layout
+        out = np.empty(layout.view_shape(num_tokens), dtype=layout.dtype.numpy_dtype)
+        arena.copy_out(slot, num_tokens, out, "numpy")
+        return out
+    return load_adapter(framework).clone(arena.export(slot, num_tokens, framework))
 
 
 class HostArena:
@@ -134,17 +97,18 @@ class HostArena:
 
     The bytes are one page-aligned ``uint8`` numpy array, committed lazily. ``typed`` and ``bits`` are
     ``(num_slots, slot_elems)`` views of it as the element type (ml_dtypes for bf16 / fp8) and as an
-    unsigned int of the same size. Subclasses only say how to turn host memory into their framework's
-    array (:meth:`_native`); views of full chunks are made once per slot and cached.
+    unsigned int of the same size. Subclasses only say how to turn host bits into their framework's
+    array (:meth:`_native`) and how to alias one (:meth:`_alias`). The arena keeps one view per slot
+    (for the slot's last token count), never handed out itself: each caller gets a new alias of it, so
+    no owner's changes to its view object reach another owner, and making one costs a fraction of making
+    a view. Copies go through the source's or destination's adapter.
     """
 
     backend = "numpy"
     device = "cpu"
 
-    def __init__(
-        self, layout: SlotLayout, num_slots: int, *, host: np.ndarray | None = None, keepalive: Any = None
-    ) -> None:
-        """Allocate the arena, or adopt ``host`` (``uint8``, page-aligned) owned by ``keepalive``."""
+    def __init__(self, layout: SlotLayout, num_slots: int, *, host: np.ndarray | None = None) -> None:
+        """Allocate the arena, or adopt ``host`` (``uint8``, page-aligned; its base keeps it alive)."""
         nbytes = layout.slot_bytes * num_slots
         if host is None:
             check_host_capacity(nbytes, f"{self.backend} CPU arena")
@@ -154,38 +118,40 @@ class HostArena:
         self.nbytes = nbytes
         self.pinned = False
         self.host: np.ndarray = host
-        self._keepalive = keepalive
         self.base_address = int(self.host.ctypes.data)
         spec = layout.dtype
         self.typed = self.host.view(spec.numpy_dtype).reshape(num_slots, layout.slot_elems)
         self.bits = self.host.view(spec.bits_dtype).reshape(num_slots, layout.slot_elems)
         self._token_elems = layout.token_elems
-        self._chunk_size = layout.chunk_size
-        self._whole: Any = None
+        # Per slot: (tokens, native view) kept for aliasing; never handed out.
+        self._kept: list[tuple[int, Any] | None] = [None] * num_slots
 
     # -- views -------------------------------------------------------------------------------------
     def host_view(self, slot: int, num_tokens: int, bits: bool = False) -> np.ndarray:
-        """Return the chunk as a numpy array, typed or (``bits=True``) as unsigned ints."""
+        """Return the chunk as a new numpy array, typed or (``bits=True``) as unsigned ints."""
         rows = self.bits if bits else self.typed
         return rows[slot, : num_tokens * self._token_elems].reshape(self.layout.view_shape(num_tokens))
 
     def view(self, slot: int, num_tokens: int) -> Any:
-        """Return the native view of a chunk (numpy here; subclasses convert)."""
-        return self._native(self.host_view(slot, num_tokens, bits=True))
+        """Return a new native view of a chunk: an alias of the view kept for the slot."""
+        kept = self._kept[slot]
+        if kept is None or kept[0] != num_tokens:
+            kept = self._kept[slot] = (num_tokens, self._native(self.host_view(slot, num_tokens, bits=True)))
+        return self._alias(kept[1])
 
     def _native(self, bits: np.ndarray) -> Any:
         return bits.view(self.layout.dtype.numpy_dtype)
 
+    def _alias(self, view: Any) -> Any:
+        """A new array object over the same memory, sharing no object state with ``view``."""
+        return view.view()
+
     def whole(self) -> Any:
-        """Return the whole arena as one native ``(num_slots, slot_elems)`` array, made once."""
-        if self._whole is None:
-            self._whole = self._native(self.bits)
-        return self._whole
+        """Return the whole arena as a new native ``(num_slots, slot_elems)`` array."""
+        return self._native(self.bits[:])
 
     def export(self, slot: int, num_tokens: int, target: str) -> Any:
-        """Return a chunk's view in ``target``'s framework, aliasing this arena."""
-        if target == "numpy":
-            return self.host_view(slot, num_tokens)
+        """Return a new view of a chunk in ``target``'s framework, aliasing this arena."""
         return load_adapter(target).from_host(self.host_view(slot, num_tokens, bits=True), self.layout.dtype)
 
     def dlpack_producer(self, slot: int, num_tokens: int) -> Any:
@@ -193,34 +159,21 @@ class HostArena:
         return DLPackView(self.host_view(slot, num_tokens, bits=True), self.layout.dtype)
 
     # -- copies ------------------------------------------------------------------------------------
-    def copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
-        """Copy ``src`` into the chunk: torch tensors (any device) with ``copy_``, the rest with numpy.
+    def copy_in(self, slot: int, num_tokens: int, src: Any, framework: str) -> None:
+        """Copy ``src`` (checked; any device) into the chunk through its framework's adapter."""
+        load_adapter(framework).copy_to_host(self.host_view(slot, num_tokens, bits=True), src)
 
-        ``dst_bits`` handed to torch is the chunk as unsigned ints, which torch views as the tensor's own
-        dtype: torch cannot wrap a bf16 numpy array, but it can wrap its bits.
-        """
-        framework = framework_of(src)
-        if framework == "torch":
-            load_adapter("torch").copy_to_host(self.host_view(slot, num_tokens, bits=True), src)
-            return
-        np.copyto(self.host_view(slot, num_tokens), host_array_of(src, framework), casting="no")
+    def copy_out(self, slot: int, num_tokens: int, dst: Any, framework: str) -> None:
+        """Copy the chunk into ``dst`` (checked; a numpy array or a torch tensor on any device)."""
+        load_adapter(framework).copy_from_host(dst, self.host_view(slot, num_tokens, bits=True))
 
-    def copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
-        """Copy the chunk into ``dst`` (a numpy array or a torch tensor on any device)."""
-        framework = framework_of(dst)
-        if framework == "numpy":
-            np.copyto(dst, self.host_view(slot, num_tokens), casting="no")
-        elif framework == "torch":
-            load_adapter("torch").copy_from_host(dst, self.host_view(slot, num_tokens, bits=True))
-        else:
-            raise ChunkTypeError(
-                f"cannot copy into a {type(dst).__name__}: JAX arrays are immutable and other "
-                "producers may be read-only; use kv_obj.clone('jax') or as_jax() instead"
-            )
+    def clone(self, slot: int, num_tokens: int, framework: str) -> Any:
+        """Return an owning copy of the chunk in ``framework``."""
+        return load_adapter(framework).clone(self.export(slot, num_tokens, framework))
 
     def close(self) -> None:
-        """Drop the cached whole-arena view; memory lives on while any view of it does."""
-        self._whole = None
+        """Drop the kept views; memory lives on while any view of it does."""
+        self._kept = [None] * self.num_slots
 
 
-__all__ = ["Arena", "HostArena", "check_array", "framework_of", "host_array_of"]
+__all__ = ["Arena", "HostArena", "clone_from_device", "host_array_of"]

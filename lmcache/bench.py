@@ -188,16 +188,21 @@ def bench_alloc_free(backend: str, opts: Options) -> list[Result]:
     safe = _pool(backend, shape, dtype, opts.pool_gib)
     single = _pool(backend, shape, dtype, opts.pool_gib, thread_safe=False)
     naive_backend = "numpy" if backend == "jax" else backend  # eager JAX slicing copies: no fair naive JAX
+    # The naive pool's memory: every slot of a pool of the same size, held for the whole run.
     arena = _pool(naive_backend, shape, dtype, opts.pool_gib, thread_safe=False)
-    naive_chunks = [arena._arena.view(i, shape[2]) for i in range(arena.max_chunk_num)]
+    full_chunk = _shape_only(naive_backend, shape, dtype)
+    naive_chunks = [arena.allocate(full_chunk).data for _ in range(arena.max_chunk_num)]  # type: ignore[union-attr]
     naive = NaivePool(naive_chunks, arena.size_per_chunk)
-    for label, chunk_shape, target_safe, target_single in (
-        ("full", shape, 2.0, 3.5),
-        (f"partial ({tokens_partial} tokens)", partial_shape, 1.5, None),
+    # DESIGN.md section 7 sets targets for the torch pool against LMCache 0.3.11's (thread-safe, checks
+    # on); single-owner mode and the numpy / JAX rows are reported without a target.
+    has_target = backend == "torch"
+    for label, chunk_shape, target in (
+        ("full", shape, 2.0),
+        (f"partial ({tokens_partial} tokens)", partial_shape, 1.5),
     ):
         chunk = _shape_only(backend, chunk_shape, dtype)
         naive_chunk = _shape_only(naive_backend, chunk_shape, dtype)
-        for pool in (safe, single):  # make every view once, as a long-running pool would have
+        for pool in (safe, single):  # JAX keeps pristine views per slot: make each once, as in a long run
             for obj in [pool.allocate(chunk) for _ in range(pool.max_chunk_num)]:
                 obj.data  # noqa: B018
                 pool.free(obj)
@@ -209,7 +214,7 @@ def bench_alloc_free(backend: str, opts: Options) -> list[Result]:
             },
             opts.repeat,
         )
-        for mode, target in (("safe", target_safe), ("single", target_single)):
+        for mode in ("safe", "single"):
             what = "thread-safe" if mode == "safe" else "single-owner"
             results.append(
                 Result(
@@ -220,7 +225,10 @@ def bench_alloc_free(backend: str, opts: Options) -> list[Result]:
                     1 / best["naive"],
                     f"naive {naive_backend} pool",
                     best["naive"] / best[mode],
-                    target,
+                    target if has_target and mode == "safe" else None,
+                    "each allocate makes the owner's own view (torch: detached alias)"
+                    if backend != "jax"
+                    else "a pristine JAX view is reused per slot",
                 )
             )
     return results
@@ -251,8 +259,6 @@ def bench_backend_parity(backends: Sequence[str], opts: Options) -> list[Result]
                 1 / best["numpy"],
                 "numpy pool",
                 best["numpy"] / best["backend"],
-                1 / 1.5,
-                "target: within 1.5x of numpy",
             )
         )
     for backend in backends:
@@ -274,7 +280,7 @@ def bench_backend_parity(backends: Sequence[str], opts: Options) -> list[Result]
                     backend,
                     first * 1e6,
                     "us",
-                    note=f"then {again * 1e6:.3f} us",
+                    note=f"the owner's own view; later accesses (ownership checked) {again * 1e6:.3f} us",
                 )
             )
     return results
@@ -592,6 +598,18 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     from lmcache.bench_paged import bench_paged  # the same
 
     steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
+    steps.append(
+        (
+            "serving scenario",
+            partial(importlib.import_module("lmcache.bench_serving").bench_serving, backends, opts),
+        )
+    )
+    steps.append(
+        (
+            "remote tier (loopback redis)",
+            partial(importlib.import_module("lmcache.bench_remote").bench_remote, opts),
+        )
+    )
     steps.append(("paged transfer", partial(bench_paged, backends, opts)))
 
     def say(text: str) -> None:

@@ -20,6 +20,11 @@ How it is built (and why each piece exists):
 * The lock is held only for dict work and slot hand-out; hashing and byte copies run outside it. A chunk
   enters the dict only after its bytes are completely in its slot, so ``lookup``, ``retrieve`` and
   ``lease`` never see a half-written chunk.
+* With a remote tier (``remote=``, :mod:`lmcache.remote`), ``store`` queues each newly stored chunk for
+  the tier's writer, straight from its slot: the prefix up to the last new chunk stays pinned until its
+  writes are sent or dropped (a whole prefix, so the ordering invariant holds). A local miss in
+  ``lookup`` probes the server; in ``retrieve`` and ``lease`` it fetches the following chunks and stores
+  the hits into local slots (evicting as usual) before answering.
 """
 
 from __future__ import annotations
@@ -28,16 +33,19 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 from hashlib import blake2b
 from typing import Any
 
 import numpy as np
 
-from lmcache.arena import check_array, framework_of, host_array_of
+from lmcache.arena import host_array_of
+from lmcache.checks import check_array
 from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
 from lmcache.paged import PagedRequest
-from lmcache.registry import load_adapter
+from lmcache.registry import framework_of, load_adapter
+from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
@@ -75,6 +83,12 @@ class CacheStats:
         cleared: chunks dropped by :meth:`ChunkCache.clear`, ever.
         hit_tokens: tokens found, over ``lookup``, ``retrieve`` and ``lease`` calls.
         query_tokens: tokens asked for, over ``lookup``, ``retrieve`` and ``lease`` calls.
+        remote_hits: chunks fetched from the remote tier (0 without one; the tier's counters, shared by
+            every cache that uses the same tier object).
+        remote_writes: chunks written to the remote tier.
+        remote_errors: failed remote operations (server down, slow, refusing credentials).
+        remote_dropped: remote writes dropped (queue full, failed write, closed tier).
+        remote_corrupt: remote values rejected (wrong format, dtype, shape, length or checksum).
     """
 
     chunks: int
@@ -85,6 +99,11 @@ class CacheStats:
     cleared: int
     hit_tokens: int
     query_tokens: int
+    remote_hits: int = 0
+    remote_writes: int = 0
+    remote_errors: int = 0
+    remote_dropped: int = 0
+    remote_corrupt: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -242,6 +261,11 @@ class ChunkCache:
             ``store`` stops.
         namespace: separates caches whose chunks must never mix (model, KV dtype, tensor-parallel rank):
             it seeds every key.
+        remote: a remote tier to write through to and read through from: a URL
+            (``"redis://host:port/db"``, ``"rediss://..."``) for a :class:`~lmcache.remote.RedisTier`
+            with default options, or a tier object built with options (key prefix, TTL, timeouts, queue
+            size). A tier made from a URL is closed by :meth:`close`; a tier object stays its creator's
+            to close. Remote faults never raise: they are counted in ``stats()``.
 
     Invariants (checked by the test-suite's state machine):
 
@@ -271,11 +295,18 @@ class ChunkCache:
         (10, True)
     """
 
-    def __init__(self, pool: LocalPool, *, namespace: str = "") -> None:
+    def __init__(
+        self, pool: LocalPool, *, namespace: str = "", remote: str | RedisTier | None = None
+    ) -> None:
         if not isinstance(pool, LocalPool):
             raise ConfigError(f"ChunkCache needs a LocalPool (or a subclass), got {type(pool).__name__}")
         if not isinstance(namespace, str):
             raise ConfigError(f"namespace must be a str, got {type(namespace).__name__}")
+        if remote is not None and not isinstance(remote, (str, RedisTier)):
+            raise ConfigError(
+                f"remote must be a URL such as 'redis://127.0.0.1:6379/0' or a RedisTier, got "
+                f"{type(remote).__name__}"
+            )
         #: The pool the chunks live in.
         self.pool = pool
         #: The string every key is seeded with.
@@ -298,6 +329,9 @@ class ChunkCache:
         self._cleared = 0
         self._hit_tokens = 0
         self._query_tokens = 0
+        #: The remote tier, or None.
+        self.remote = RedisTier(remote) if isinstance(remote, str) else remote
+        self._owns_remote = isinstance(remote, str)
 
     # -- keys ----------------------------------------------------------------------------------------
     def keys(self, tokens: Any) -> list[bytes]:
@@ -350,6 +384,12 @@ class ChunkCache:
         ids = token_ids(tokens)
         cached = self._cached_keys(ids)
         hit = min(len(cached) * self._chunk_size, len(ids))
+        if self.remote is not None and hit < len(ids):  # one round trip for the chunks that follow
+            keys = list(self._iter_keys(ids))[len(cached) :]
+            shapes = self._shapes(ids, len(cached), len(keys))
+            found = self.remote.probe(self._remote_keys(keys), self._layout.dtype.name, shapes)
+            run = found.index(False) if False in found else len(found)
+            hit = min((len(cached) + run) * self._chunk_size, len(ids))
         with self._lock:
             self._hit_tokens += hit
             self._query_tokens += len(ids)
@@ -357,8 +397,19 @@ class ChunkCache:
 
     def stats(self) -> CacheStats:
         """Return a consistent snapshot of the counters (see :class:`CacheStats`)."""
+        remote = {}
+        if self.remote is not None:
+            tier = self.remote.stats()
+            remote = {
+                "remote_hits": tier.hits,
+                "remote_writes": tier.writes,
+                "remote_errors": tier.errors,
+                "remote_dropped": tier.dropped,
+                "remote_corrupt": tier.corrupt,
+            }
         with self._lock:
             return CacheStats(
+                **remote,
                 chunks=len(self._entries),
                 leased=self._leased,
                 pinned=len(self._entries) - len(self._lru),
@@ -393,11 +444,12 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         source = self._check_kv(kv, len(ids))
-
-        def copy_chunk(obj: KVObj, start: int, num_tokens: int) -> None:
-            self._copy_in(obj, source[:, :, start : start + num_tokens])
-
-        return self._store(ids, copy_chunk)
+        size = self._chunk_size
+        return self._insert(
+            list(self._iter_keys(ids)),
+            len(ids),
+            lambda i: partial(self._fill_from, source[:, :, i * size : (i + 1) * size]),
+        )
 
     def store_paged(self, tokens: Any, kv_caches: Any, block_ids: Any, *, layout: str) -> int:
         """Store the KV of ``tokens`` from a paged KV cache; the same semantics and result as :meth:`store`.
@@ -425,15 +477,21 @@ class ChunkCache:
         ids = token_ids(tokens)
         request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
         request.check_table(len(ids))
-        total = len(ids)
-        return self._store(ids, lambda obj, start, count: request.gather_into_slot(obj, start, count, total))
+        size, total = self._chunk_size, len(ids)
+
+        def fill(start: int, obj: KVObj) -> bool:
+            request.gather_into_slot(obj, start, obj.num_tokens, total)
+            return True
+
+        return self._insert(list(self._iter_keys(ids)), total, lambda i: partial(fill, i * size))
 
     def load_paged(self, tokens: Any, kv_caches: Any, block_ids: Any, *, layout: str) -> Any:
         """Copy the longest cached prefix of ``tokens`` into the request's blocks of a paged KV cache.
 
         Only the positions of the ``n`` loaded tokens are written: the rest of the last block and every
         other block keep their bytes. Arguments as :meth:`store_paged`; the block table needs only
-        ``ceil(n / block_size)`` ids.
+        ``ceil(n / block_size)`` ids. With a remote tier, chunks are first fetched as for :meth:`retrieve`
+        (only as many as the table's blocks can take).
 
         Returns:
             torch: ``n``, the tokens loaded (the cache is written in place). JAX: ``(new_kv_caches, n)``;
@@ -447,6 +505,7 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
+        self._pull(ids, request.coverable_tokens(len(ids)))
         chain = self._pin_prefix(ids, None, lease=False, check=request.check_table)
         try:
             num_tokens = sum(entry.num_tokens for entry in chain)
@@ -460,11 +519,25 @@ class ChunkCache:
                 self._unpin(chain)
         return result if request.spec.framework == "torch" else (result, num_tokens)
 
-    def _store(self, ids: np.ndarray, copy_chunk: Callable[[KVObj, int, int], None]) -> int:
-        """The store algorithm: ``copy_chunk(obj, start, num_tokens)`` fills each missing chunk's slot."""
-        keys = list(self._iter_keys(ids))
-        chunk_size, total = self._chunk_size, len(ids)
+    def _insert(
+        self,
+        keys: list[bytes],
+        total: int,
+        filler: Callable[[int], Callable[[KVObj], bool] | None],
+        *,
+        write_through: bool = True,
+    ) -> int:
+        """Cache the chunks of ``keys`` (``total`` tokens); return the tokens cached afterwards.
+
+        For each missing chunk ``index``, ``filler(index)`` (called without the lock) gives a function
+        that writes the chunk into a slot and says whether it did, or None when there are no bytes for
+        it. It stops at the first chunk without bytes, without a slot, or whose fill fails. New chunks
+        are queued for the remote tier when ``write_through`` (not when they came from it).
+        """
+        chunk_size = self._chunk_size
         chain: list[_Entry] = []
+        new: list[_Entry] = []
+        hold: list[_Entry] = []
         lock, entries = self._lock, self._entries
         pool_full = False
         try:
@@ -477,15 +550,23 @@ class ChunkCache:
                         self._pin(entry)
                         chain.append(entry)
                         continue
+                fill = filler(index)  # may read from the network: not under the lock
+                if fill is None:
+                    break
+                with lock:
                     obj, pool_full = self._take_slot(num_tokens, pool_full)
                 if obj is None:
                     break  # nothing left to evict
                 try:
-                    copy_chunk(obj, start, num_tokens)
+                    filled = fill(obj)
                 except BaseException:
                     with lock:
                         self.pool.free(obj)
                     raise
+                if not filled:
+                    with lock:
+                        self.pool.free(obj)
+                    break
                 with lock:
                     entry = entries.get(key)
                     if entry is not None:  # another thread stored the same chunk meanwhile
@@ -498,10 +579,17 @@ class ChunkCache:
                             entry.parent.children += 1
                         entries[key] = entry
                         self._stored += 1
+                        new.append(entry)
                     chain.append(entry)
         finally:
             with lock:
+                if new and write_through and self.remote is not None:
+                    hold = chain[: chain.index(new[-1]) + 1]  # pinned as a whole prefix until sent
+                    for entry in hold:
+                        self._pin(entry)
                 self._unpin(chain)
+            if hold:
+                self._write_through(hold, new)
         return sum(entry.num_tokens for entry in chain)
 
     def _check_kv(self, kv: Any, num_tokens: int) -> Any:
@@ -554,6 +642,10 @@ class ChunkCache:
         else:
             obj.copy_from(piece)
 
+    def _fill_from(self, piece: Any, obj: KVObj) -> bool:
+        self._copy_in(obj, piece)
+        return True
+
     # -- retrieve and lease --------------------------------------------------------------------------
     def retrieve(self, tokens: Any, *, out: Any = None, framework: str | None = None) -> tuple[Any, int]:
         """Copy the longest cached prefix of ``tokens`` into one contiguous array.
@@ -579,6 +671,7 @@ class ChunkCache:
         limit = self._check_out(out, framework) if out is not None else None
         if out is None:
             framework = self._check_framework(framework)
+        self._pull(ids, limit)
         chain = self._pin_prefix(ids, limit, lease=False)
         try:
             num_tokens = sum(entry.num_tokens for entry in chain)
@@ -603,7 +696,9 @@ class ChunkCache:
 
         Use it as a context manager, or call ``release()``. A miss gives an empty lease.
         """
-        return Lease(self, self._pin_prefix(token_ids(tokens), None, lease=True))
+        ids = token_ids(tokens)
+        self._pull(ids, None)
+        return Lease(self, self._pin_prefix(ids, None, lease=True))
 
     def _pin_prefix(
         self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
@@ -721,6 +816,94 @@ class ChunkCache:
         if framework == "numpy":
             return typed
         return load_adapter(framework).from_host(bits, spec)
+
+    # -- the remote tier ------------------------------------------------------------------------------
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued remote write was sent or dropped; False if ``timeout`` passed first.
+
+        True at once without a remote tier. Never raises for a remote fault.
+        """
+        return True if self.remote is None else self.remote.flush(timeout)
+
+    def close(self) -> None:
+        """Stop the remote tier's writer if this cache made the tier (from a URL); it returns promptly
+        even when the server is gone. The cache keeps working locally afterwards."""
+        if self.remote is not None and self._owns_remote:
+            self.remote.close()
+
+    def _remote_keys(self, keys: list[bytes]) -> list[bytes]:
+        tier = self.remote
+        return [] if tier is None else [tier.key(self.namespace, key) for key in keys]
+
+    def _shapes(self, ids: np.ndarray, first: int, count: int) -> list[tuple[int, int, int, int, int]]:
+        """The view shapes of chunks ``first .. first + count - 1`` of ``ids``."""
+        size, total = self._chunk_size, len(ids)
+        return [self._layout.view_shape(min(size, total - i * size)) for i in range(first, first + count)]
+
+    def _write_through(self, hold: list[_Entry], new: list[_Entry]) -> None:
+        """Queue ``new`` for the remote writer; unpin ``hold`` (their prefix) once all are sent or dropped.
+
+        Called without the lock: the tier may call ``on_done`` at once (a full queue drops a write).
+        """
+        tier = self.remote
+        if tier is None:
+            return
+        left = [len(new)]
+
+        def on_done(sent: bool) -> None:
+            with self._lock:
+                left[0] -= 1
+                if left[0] == 0:
+                    self._unpin(hold)
+
+        dtype = self._layout.dtype.name
+        for entry in new:
+            obj = entry.obj
+            payload = obj.as_numpy() if self._host else obj.clone("numpy")  # device slots: a host copy
+            tier.submit(tier.key(self.namespace, entry.key), payload, dtype, payload.shape, on_done)
+
+    def _pull(self, ids: np.ndarray, limit: int | None) -> None:
+        """Fetch the chunks that follow the local prefix of ``ids`` from the remote tier into local slots.
+
+        Each batch of up to the tier's ``batch_bytes`` is one pipelined round trip whose payloads are read
+        from the socket straight into the new slots. It stops at the first miss or rejected value, at
+        ``limit`` tokens (an ``out`` of that size), or when no slot can be had.
+        """
+        tier = self.remote
+        if tier is None:
+            return
+        local = len(self._cached_keys(ids))
+        size, total = self._chunk_size, len(ids)
+        if limit is not None and limit < total:
+            total = limit - limit % size  # only chunks that fit in ``out``: more would make retrieve raise
+        keys = list(self._iter_keys(ids[:total]))
+        per_batch = max(1, tier.batch_bytes // self._layout.chunk_bytes)
+        start = local
+        while start < len(keys):
+            end = min(len(keys), start + per_batch)
+            shapes = self._shapes(ids[:total], start, end - start)
+            with tier.stream(self._remote_keys(keys[start:end]), self._layout.dtype.name, shapes) as stream:
+
+                def filler(index: int, stream: FetchStream = stream, first: int = start) -> Any:
+                    if index < first or not stream.hit(index - first):
+                        return None  # a local chunk evicted meanwhile, or not on the server
+                    return partial(self._fill_remote, stream)
+
+                wanted = min(total, end * size)
+                if self._insert(keys[:end], wanted, filler, write_through=False) < wanted:
+                    return
+            start = end
+
+    def _fill_remote(self, stream: FetchStream, obj: KVObj) -> bool:
+        """Read a chunk from ``stream`` into ``obj``'s slot (a host copy first for device pools)."""
+        if self._host:
+            return stream.read_into(obj.as_numpy())
+        spec = self._layout.dtype
+        host = np.empty(self._layout.view_shape(obj.num_tokens), dtype=spec.numpy_dtype)
+        if not stream.read_into(host):
+            return False
+        obj.copy_from(host)
+        return True
 
     # -- eviction ------------------------------------------------------------------------------------
     def clear(self) -> int:

@@ -7,8 +7,11 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any
 
-from lmcache.dtypes import DTypeSpec, dtype_origin, normalize_dtype
+from lmcache.dtypes import DTypeSpec, normalize_dtype
 from lmcache.errors import ConfigError
+
+#: The largest budget accepted, in GiB (1 PiB): larger values are a unit mistake, not a machine.
+MAX_BUDGET_GIB = 2**20
 
 
 @dataclass(frozen=True)
@@ -59,8 +62,17 @@ class LMCacheMemPoolMetadata:
         size = self.max_local_cache_size
         if isinstance(size, bool) or not isinstance(size, numbers.Real):
             raise ConfigError(f"max_local_cache_size must be a number of GiB, got {size!r}")
-        if not math.isfinite(size) or size <= 0:
+        try:
+            finite = math.isfinite(size)
+        except OverflowError:  # an int beyond any float
+            finite = False
+        if not finite or size <= 0:
             raise ConfigError(f"max_local_cache_size must be a positive, finite number of GiB, got {size!r}")
+        if size > MAX_BUDGET_GIB:
+            raise ConfigError(
+                f"max_local_cache_size={size!r} GiB is more than any machine has (the limit is "
+                f"{MAX_BUDGET_GIB} GiB); give the budget in GiB, for example 16 or 0.5"
+            )
 
     @property
     def chunk_size(self) -> int:
@@ -71,11 +83,6 @@ class LMCacheMemPoolMetadata:
     def budget_bytes(self) -> int:
         """The budget in bytes, ``floor(max_local_cache_size * 2**30)``."""
         return int(self.max_local_cache_size * 2**30)
-
-    @property
-    def dtype_origin(self) -> str | None:
-        """The framework ``kv_dtype`` comes from (``"torch"``, ``"jax"``), or ``None``."""
-        return dtype_origin(self.kv_dtype)
 
 
 __all__ = ["LMCacheMemPoolMetadata"]

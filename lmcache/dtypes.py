@@ -15,6 +15,7 @@ import ml_dtypes
 import numpy as np
 
 from lmcache.errors import ConfigError
+from lmcache.registry import detect_framework
 
 # DLPack type codes (dlpack.h, DLDataTypeCode).
 _DL_INT, _DL_UINT, _DL_FLOAT, _DL_BFLOAT = 0, 1, 2, 4
@@ -68,32 +69,20 @@ KV_DTYPES: dict[str, DTypeSpec] = {
 _ALIASES = {"half": "float16", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 
 
-def dtype_origin(value: object) -> str | None:
-    """Name the framework a dtype object comes from: ``"torch"``, ``"jax"`` or ``None``.
-
-    ``torch.bfloat16`` is a ``torch.dtype``; ``jax.numpy.bfloat16`` is a scalar type whose metaclass lives
-    in a ``jax`` module. numpy dtypes, ml_dtypes types and strings give ``None``.
-    """
-    module = type(value).__module__ or ""
-    if module == "torch":
-        return "torch"
-    if module == "jax" or module.startswith("jax."):
-        return "jax"
-    return None
-
-
 @cache
 def _lookup(value: Any) -> DTypeSpec | None:
     if isinstance(value, str):
         name = value.removeprefix("torch.").removeprefix("jnp.").lower()
         return KV_DTYPES.get(_ALIASES.get(name, name))
-    if dtype_origin(value) == "torch":
+    if detect_framework(value) == "torch":
         return _lookup(str(value))
     try:
-        name = np.dtype(value).name
+        dtype = np.dtype(value)
     except TypeError:
         return None
-    return KV_DTYPES.get(name)
+    if not dtype.isnative:  # '>f4' is named float32 but its bytes are swapped
+        return None
+    return KV_DTYPES.get(dtype.name)
 
 
 def normalize_dtype(value: object) -> DTypeSpec:
@@ -106,6 +95,11 @@ def normalize_dtype(value: object) -> DTypeSpec:
         spec = _lookup(value)
     except TypeError:  # unhashable
         spec = None
+    if spec is None and getattr(value, "isnative", True) is False:
+        raise ConfigError(
+            f"dtype {value!r} has non-native byte order; convert the array first "
+            "(numpy: array.astype(array.dtype.newbyteorder('=')))"
+        )
     if spec is None:
         raise ConfigError(
             f"unsupported kv_dtype {value!r} (type {type(value).__name__}); use one of "
@@ -114,4 +108,4 @@ def normalize_dtype(value: object) -> DTypeSpec:
     return spec
 
 
-__all__ = ["KV_DTYPES", "DTypeSpec", "dtype_origin", "normalize_dtype"]
+__all__ = ["KV_DTYPES", "DTypeSpec", "normalize_dtype"]

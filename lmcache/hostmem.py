@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import mmap
 import os
-import sys
 
 import numpy as np
 
 from lmcache.errors import PoolTooLargeError
 
-_GiB = float(2**30)
+#: Bytes in a GiB.
+GIB = 2**30
 
 
 def available_host_bytes() -> int | None:
@@ -41,7 +41,7 @@ def check_host_capacity(nbytes: int, what: str = "host arena") -> None:
     available = available_host_bytes()
     if available is not None and nbytes > available:
         raise PoolTooLargeError(
-            f"the {what} needs {nbytes / _GiB:.2f} GiB but only {available / _GiB:.2f} GiB of host "
+            f"the {what} needs {nbytes / GIB:.2f} GiB but only {available / GIB:.2f} GiB of host "
             "memory is available; lower max_local_cache_size"
         )
 
@@ -53,13 +53,9 @@ def allocate_host(nbytes: int) -> np.ndarray:
     costs nothing until it is used. The returned array keeps the mapping alive; the memory is released
     when the last array or view of it is gone.
     """
-    if sys.platform == "win32":  # no anonymous mmap alignment guarantee; fall back to numpy
-        raw = np.empty(nbytes + mmap.PAGESIZE, dtype=np.uint8)
-        start = (-raw.ctypes.data) % mmap.PAGESIZE
-        return raw[start : start + nbytes]
     # MAP_PRIVATE | MAP_ANONYMOUS: lazily committed zero pages.
     mapping = mmap.mmap(-1, max(nbytes, 1), flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
     return np.frombuffer(mapping, dtype=np.uint8, count=nbytes)
 
 
-__all__ = ["allocate_host", "available_host_bytes", "check_host_capacity"]
+__all__ = ["GIB", "allocate_host", "available_host_bytes", "check_host_capacity"]

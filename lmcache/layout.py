@@ -20,6 +20,8 @@ from lmcache.errors import ChunkShapeError, ConfigError
 BASE_ALIGNMENT = 4096
 #: The smallest slot alignment: enough for JAX (64), AVX-512 and GPU copy engines (256).
 MIN_SLOT_ALIGNMENT = 256
+#: The largest slot alignment: a 1 GiB huge page.
+MAX_SLOT_ALIGNMENT = 2**30
 
 
 @dataclass(frozen=True)
@@ -41,8 +43,16 @@ class SlotLayout:
 
     def __post_init__(self) -> None:
         a = self.slot_alignment
-        if isinstance(a, bool) or not isinstance(a, int) or a < MIN_SLOT_ALIGNMENT or a & (a - 1):
-            raise ConfigError(f"slot_alignment must be a power of two >= {MIN_SLOT_ALIGNMENT}, got {a!r}")
+        if (
+            isinstance(a, bool)
+            or not isinstance(a, int)
+            or not MIN_SLOT_ALIGNMENT <= a <= MAX_SLOT_ALIGNMENT
+            or a & (a - 1)
+        ):
+            raise ConfigError(
+                f"slot_alignment must be a power of two from {MIN_SLOT_ALIGNMENT} to {MAX_SLOT_ALIGNMENT} "
+                f"(1 GiB), got {a!r}"
+            )
 
     @classmethod
     def from_metadata(
@@ -127,4 +137,4 @@ class SlotLayout:
         return f"(num_layers={L}, {kv}, tokens<= {n}, num_kv_heads={H}, head_size={D})"
 
 
-__all__ = ["BASE_ALIGNMENT", "MIN_SLOT_ALIGNMENT", "SlotLayout"]
+__all__ = ["BASE_ALIGNMENT", "MAX_SLOT_ALIGNMENT", "MIN_SLOT_ALIGNMENT", "SlotLayout"]

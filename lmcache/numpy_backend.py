@@ -41,13 +41,23 @@ class NumpyAdapter:
         """Import with ``np.from_dlpack`` (numpy cannot import bf16 or fp8)."""
         return np.from_dlpack(producer)
 
+    def check_source(self, array: Any) -> None:
+        """numpy arrays are plain memory; their dtype (byte order included) was checked already."""
+
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
-        """Copy a numpy array into host memory."""
-        np.copyto(dst, src, casting="no")
+        """Copy a numpy array into host bits ``dst`` (numpy copes with overlap itself)."""
+        np.copyto(dst.view(src.dtype), src, casting="no")
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
-        """Copy host memory into a numpy array."""
-        np.copyto(dst, src, casting="no")
+        """Copy host bits into a numpy array."""
+        np.copyto(dst, src.view(dst.dtype), casting="no")
+
+    def wait(self, array: Any) -> None:
+        """numpy work is never pending."""
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """A numpy array is host memory already."""
+        return np.asarray(array)
 
     def clone(self, array: Any) -> np.ndarray:
         """Return an owning copy."""

@@ -353,6 +353,25 @@ class PagedRequest:
         """
         self.table = block_table(self.block_ids, num_tokens, self.spec)
 
+    def coverable_tokens(self, num_tokens: int) -> int:
+        """How many of the first ``num_tokens`` tokens the table can place: the blocks before its first
+        id that is out of range or repeated, times the block size (at most ``num_tokens``).
+
+        A load uses it to fetch no more remote chunks than the table can take.
+
+        Raises:
+            ChunkTypeError: the ids are not a 1-D sequence of integers.
+        """
+        ids = _as_int_array(self.block_ids)
+        bad = np.flatnonzero((ids < 0) | (ids >= self.spec.num_blocks))
+        usable = int(bad[0]) if bad.size else ids.shape[0]
+        _, first = np.unique(ids[:usable], return_index=True)
+        repeated = np.ones(usable, dtype=bool)
+        repeated[first] = False
+        if repeated.any():
+            usable = int(np.argmax(repeated))
+        return min(usable * self.spec.block_size, num_tokens)
+
     def gather_into_slot(self, obj: Any, start: int, count: int, total: int) -> None:
         """Copy tokens ``start .. start+count-1`` of the request into the slot of ``obj`` (a KVObj).
 

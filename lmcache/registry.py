@@ -57,12 +57,29 @@ class FrameworkAdapter(Protocol):
         """Import a DLPack producer without a copy."""
         ...
 
+    def check_source(self, array: Any) -> None:
+        """Raise :class:`~lmcache.errors.ChunkTypeError` if ``array`` cannot be read as plain memory.
+
+        Called before a pool takes a slot for a copy, so that a copy never fails half-way (torch meta
+        and sparse tensors, JAX tracers and deleted arrays).
+        """
+        ...
+
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
-        """Copy one of this framework's arrays (any device) into host memory ``dst``; return when done."""
+        """Copy one of this framework's arrays (any device) into host bits ``dst`` (unsigned ints of the
+        same item size); exact even where ``src`` overlaps ``dst``; return when the bytes are there."""
         ...
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
-        """Copy host memory ``src`` into one of this framework's (writable) arrays."""
+        """Copy host bits ``src`` into one of this framework's (writable) arrays."""
+        ...
+
+    def wait(self, array: Any) -> None:
+        """Block until pending work that computes ``array`` has finished."""
+        ...
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """Return the array's values as numpy: a view of host memory, else a host copy (waits first)."""
         ...
 
     def clone(self, array: Any) -> Any:
@@ -72,6 +89,51 @@ class FrameworkAdapter(Protocol):
     def accelerators(self) -> list[str]:
         """Names of the accelerators this framework sees (``["cuda:0"]``), empty on a CPU-only host."""
         ...
+
+
+#: Top-level module -> framework, for :func:`detect_framework`.
+_ROOT_MODULES = {"numpy": "numpy", "torch": "torch", "jax": "jax", "jaxlib": "jax"}
+_FRAMEWORK_OF_TYPE: dict[type, str | None] = {}
+
+
+def detect_framework(obj: object) -> str | None:
+    """Name the framework an array, dtype or scalar type belongs to: ``numpy``, ``torch``, ``jax``, or None.
+
+    Looks at the modules along ``type(obj)``'s MRO, so subclasses (``torch.nn.Parameter``, an
+    ``ndarray`` subclass, JAX tracers) count as their framework; the answer is cached per type. It never
+    imports a framework. ``torch.bfloat16`` is a ``torch.dtype``; ``jax.numpy.bfloat16`` is a scalar type
+    whose metaclass lives in a ``jax`` module; strings and ml_dtypes types give None.
+    """
+    cls = type(obj)
+    try:
+        return _FRAMEWORK_OF_TYPE[cls]
+    except KeyError:
+        pass
+    found = None
+    for klass in cls.__mro__:
+        found = _ROOT_MODULES.get((getattr(klass, "__module__", None) or "").partition(".")[0])
+        if found is not None:
+            break
+    _FRAMEWORK_OF_TYPE[cls] = found
+    return found
+
+
+def framework_of(obj: object) -> str:
+    """Name the framework of an array: ``numpy``, ``torch``, ``jax`` or ``dlpack`` (any other producer).
+
+    Raises:
+        ChunkTypeError: ``obj`` is not an array at all.
+    """
+    found = detect_framework(obj)
+    if found is not None and (found != "numpy" or hasattr(obj, "__array_interface__")):
+        return found
+    if hasattr(obj, "__dlpack__"):
+        return "dlpack"
+    from lmcache.errors import ChunkTypeError
+
+    raise ChunkTypeError(
+        f"expected an array (numpy, torch, JAX or any object with __dlpack__), got {type(obj).__name__}"
+    )
 
 
 def installed_backends() -> list[str]:
@@ -89,7 +151,7 @@ def resolve_backend(backend: str | None, metadata: LMCacheMemPoolMetadata) -> st
         backend = os.environ.get(ENV_VAR) or None
         source = f"${ENV_VAR}"
     if backend is None:
-        return metadata.dtype_origin or "numpy"
+        return detect_framework(metadata.kv_dtype) or "numpy"
     if not isinstance(backend, str) or backend.lower() not in ADAPTER_MODULES:
         raise ConfigError(
             f"unknown backend {backend!r} (from {source}); use one of {', '.join(ADAPTER_MODULES)}"
@@ -128,6 +190,8 @@ __all__ = [
     "ADAPTER_MODULES",
     "ENV_VAR",
     "FrameworkAdapter",
+    "detect_framework",
+    "framework_of",
     "installed_backends",
     "load_adapter",
     "resolve_backend",

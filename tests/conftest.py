@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import pytest
 
 from kvtest import BACKENDS, require
+from redis_server import RedisServer, require_redis
 
 
 @pytest.fixture(params=BACKENDS)
@@ -12,3 +15,12 @@ def backend(request: pytest.FixtureRequest) -> str:
     """Each backend whose framework is installed."""
     require(request.param)
     return str(request.param)
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A fresh ``redis-server`` on a free 127.0.0.1 port, stopped after the test (skip if unavailable)."""
+    server = RedisServer(require_redis())
+    server.start()
+    yield server
+    server.close()

@@ -125,3 +125,21 @@ def require_gpu(framework: str) -> Any:
     if not _sees_gpu(framework):
         pytest.skip(f"{framework} sees no GPU")
     return module
+
+
+def run_state_machine(machine: Any, backend: str, max_examples: int) -> None:
+    """Run a hypothesis state machine class whose ``backend`` attribute names the pool's backend.
+
+    Skips (or fails, in the backend's own session) like :func:`require`; 30 steps per example.
+    """
+    from hypothesis import HealthCheck, settings
+
+    require(backend)
+    runner = type(f"{machine.__name__}_{backend}", (machine,), {"backend": backend}).TestCase
+    runner.settings = settings(
+        max_examples=max_examples,
+        stateful_step_count=30,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
+    )
+    runner().runTest()

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
     Bundle,
@@ -22,9 +22,10 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvtest import random_bits, require, small_pool, to_native
+from kvtest import random_bits, run_state_machine, small_pool, to_native
 from lmcache.allocator import ChunkAllocator
 from lmcache.errors import DoubleFreeError, InvalidHandleError, StaleHandleError
+from lmcache.storage_backend.mem_pool import KVObj
 
 SLOTS = 6
 
@@ -114,7 +115,54 @@ class PoolModel(RuleBasedStateMachine):
             self.pool.free(obj)
         with pytest.raises(InvalidHandleError):
             obj.copy_from(to_native(self._chunk(obj.num_tokens), self.backend))
+        with pytest.raises(StaleHandleError):
+            obj.data  # noqa: B018
         assert self.pool.stats() == before
+
+    @rule(slot=st.integers(-1, SLOTS), generation=st.integers(-3, 200), tokens=st.integers(1, 16))
+    def use_forged_handle(self, slot: int, generation: int, tokens: int) -> None:
+        """A hand-built or edited handle frees nothing and reaches no memory, whatever it names."""
+        if any((o.chunk_idx, o.generation) == (slot, generation) for o, _ in self.live.values()):
+            return  # a copy of a real handle's identity, not a forgery
+        forged = KVObj(slot, self.pool.size_per_chunk, None, tokens, self.pool, generation)
+        before = self.pool.stats()
+        with pytest.raises(InvalidHandleError):
+            self.pool.free(forged)
+        with pytest.raises(InvalidHandleError):
+            forged.data  # noqa: B018
+        with pytest.raises(InvalidHandleError):
+            self.pool.free_batch([forged])
+        assert self.pool.stats() == before
+
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def edit_live_handle(self, data: st.DataObject) -> None:
+        """A live handle's identity cannot be edited, and a numpy-int copy of it frees nothing."""
+        obj, _ = self.live[data.draw(st.sampled_from(sorted(self.live)))]
+        for field in ("chunk_idx", "num_tokens", "size", "generation", "data"):
+            with pytest.raises(AttributeError):
+                setattr(obj, field, 0)
+        twin = KVObj(np.int64(obj.chunk_idx), obj.size, None, obj.num_tokens, self.pool, obj.generation)
+        before = self.pool.stats()
+        with pytest.raises(StaleHandleError):
+            self.pool.free(twin)
+        assert self.pool.stats() == before
+
+    @rule(sizes=st.lists(st.integers(1, 16), min_size=1, max_size=3))
+    def edit_batch(self, sizes: list[int]) -> None:
+        """A batch's slots and tokens are immutable: appending, popping or replacing them fails."""
+        batch = self.pool.allocate_batch([to_native(self._chunk(n), self.backend) for n in sizes])
+        if batch is None:
+            self.failed += len(sizes)
+            return
+        for field in ("chunk_idx", "num_tokens"):
+            assert isinstance(getattr(batch, field), tuple)
+            with pytest.raises(AttributeError):
+                setattr(batch, field, [])
+        self.allocations += len(sizes)
+        self.peak = max(self.peak, len(self.live) + len(sizes))
+        self.pool.free_batch(batch)
+        self.frees += len(sizes)
 
     @precondition(lambda self: bool(self.live))
     @rule(data=st.data())
@@ -148,16 +196,7 @@ class PoolModel(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
 def test_pool_matches_model(backend_name: str) -> None:
-    require(backend_name)
-    machine = type(f"PoolModel_{backend_name}", (PoolModel,), {"backend": backend_name})
-    runner = machine.TestCase
-    runner.settings = settings(
-        max_examples=100 if backend_name == "numpy" else 30,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow],
-    )
-    runner().runTest()
+    run_state_machine(PoolModel, backend_name, max_examples=100 if backend_name == "numpy" else 30)
 
 
 class AllocatorModel(RuleBasedStateMachine):
@@ -171,13 +210,13 @@ class AllocatorModel(RuleBasedStateMachine):
 
     @rule()
     def acquire_one(self) -> None:
-        taken = self.allocator.acquire_many(1)
+        taken = self.allocator.acquire_one()
         if taken is None:
             assert len(self.held) == 5
             return
-        (slot,), ticket = taken
+        slot, ticket = taken
         assert slot not in self.held
-        assert self.allocator.generation[slot] == ticket
+        assert self.allocator.generation_of(slot) == ticket > 0
         self.held[slot] = ticket
 
     @rule(count=st.integers(0, 6))
@@ -189,8 +228,8 @@ class AllocatorModel(RuleBasedStateMachine):
         slots, first = taken
         assert len(set(slots)) == count
         assert not set(slots) & set(self.held)
-        assert [self.allocator.generation[slot] for slot in slots] == list(range(first, first + count))
-        self.held.update({slot: self.allocator.generation[slot] for slot in slots})
+        assert [self.allocator.generation_of(slot) for slot in slots] == list(range(first, first + count))
+        self.held.update({slot: self.allocator.generation_of(slot) for slot in slots})
 
     @precondition(lambda self: len(self.held) >= 2)
     @rule(data=st.data())
@@ -205,17 +244,32 @@ class AllocatorModel(RuleBasedStateMachine):
     def release(self, data: st.DataObject) -> None:
         slot = data.draw(st.sampled_from(sorted(self.held)))
         generation = self.held.pop(slot)
-        self.allocator.release_many([slot], [generation])
+        self.allocator.release_one(slot, generation)
         self.released.append((slot, generation))
 
     @precondition(lambda self: bool(self.released))
-    @rule(data=st.data())
-    def release_again(self, data: st.DataObject) -> None:
+    @rule(data=st.data(), single=st.booleans())
+    def release_again(self, data: st.DataObject, single: bool) -> None:
         slot, generation = data.draw(st.sampled_from(self.released))
         before = self.allocator.stats(1)
+        release = self.allocator.release_one if single else self.allocator.release_many
         with pytest.raises(InvalidHandleError):
-            self.allocator.release_many([slot], [generation])
+            release(*((slot, generation) if single else ([slot], [generation])))
         assert self.allocator.stats(1) == before
+
+    @rule(slot=st.integers(-2, 6), generation=st.integers(-3, 60), as_numpy=st.booleans())
+    def release_forged(self, slot: int, generation: int, as_numpy: bool) -> None:
+        """A handle the allocator never issued (or one with a numpy index) never frees anything."""
+        if not as_numpy and self.held.get(slot) == generation:
+            return  # that is a real handle
+        before = self.allocator.stats(1)
+        index: Any = np.int64(slot) if as_numpy else slot
+        with pytest.raises(InvalidHandleError):
+            self.allocator.release_one(index, generation)
+        with pytest.raises(InvalidHandleError):
+            self.allocator.release_many([index], [generation])
+        assert self.allocator.stats(1) == before
+        assert all(type(free) is int for free in self.allocator.free_slots)
 
     @invariant()
     def counts(self) -> None:

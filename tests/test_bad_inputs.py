@@ -116,15 +116,16 @@ def _cases(backend: str) -> list[tuple[str, Callable[[Any, Any], Any], type[Exce
         ("double", lambda p, o: p.free(o[2]), DoubleFreeError, "double free"),
         ("stale", lambda p, o: p.free(o[3]), StaleHandleError, "handed out again"),
         ("edited idx", lambda p, o: p.free(_edited(o[0])), InvalidHandleError, "stale|double"),
-        ("idx -1", lambda p, o: p.free(_edited(o[0], -1)), StaleHandleError, "outside this pool"),
-        ("idx 99", lambda p, o: p.free(_edited(o[0], 99)), StaleHandleError, "outside this pool"),
-        ("batch -1", lambda p, o: p.free_batch([o[0], _edited(o[0], -1)]), StaleHandleError, "outside"),
+        ("idx -1", lambda p, o: p.free(_edited(o[0], -1)), StaleHandleError, "not an int in this pool"),
+        ("idx 99", lambda p, o: p.free(_edited(o[0], 99)), StaleHandleError, "not an int in this pool"),
+        ("batch -1", lambda p, o: p.free_batch([o[0], _edited(o[0], -1)]), StaleHandleError, "not an int in"),
         ("batch dup", lambda p, o: p.free_batch([o[0], o[0]]), DoubleFreeError, "twice"),
         ("batch mixed", lambda p, o: p.free_batch([o[0], o[2]]), DoubleFreeError, "double free"),
         ("copy shape", lambda p, o: o[0].copy_from(chunk(8)), ChunkShapeError, "shape"),
         ("copy dtype", lambda p, o: o[0].copy_from(chunk(dtype="float32")), ChunkShapeError, "dtype"),
         ("copy list", lambda p, o: o[0].copy_from([[1]]), ChunkTypeError, "expected an array"),
-        ("stale view", lambda p, o: o[2].as_numpy(), DoubleFreeError, "double free"),
+        ("stale view", lambda p, o: o[2].as_numpy(), StaleHandleError, "was freed"),
+        ("stale data", lambda p, o: o[2].data, StaleHandleError, "was freed"),
         ("stale copy", lambda p, o: o[3].copy_from(chunk()), StaleHandleError, "handed out again"),
         ("hand view", lambda p, o: KVObj(0, 1, None).as_torch(), ForeignHandleError, "built by hand"),
     ]
@@ -133,7 +134,7 @@ def _cases(backend: str) -> list[tuple[str, Callable[[Any, Any], Any], type[Exce
 def _edited(obj: KVObj, chunk_idx: int | None = None) -> KVObj:
     """A copy of a live handle edited to name another slot (the neighbouring one by default)."""
     slot = obj.chunk_idx + 1 if chunk_idx is None else chunk_idx
-    return KVObj(slot, obj.size, None, obj.num_tokens, obj.pool, obj._generation)
+    return KVObj(slot, obj.size, None, obj.num_tokens, obj.pool, obj.generation)
 
 
 def _scenario(backend: str) -> tuple[Any, list[Any], Any]:

@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cachetest import CHUNK, cache_pool, prefix_kv
 
+from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import SMALL_SHAPE, require, same_bits, to_host, to_native
 from lmcache.chunk_cache import (
     KEY_BYTES,

@@ -11,12 +11,11 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cachetest import CHUNK, cache_pool, prefix_kv
-from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from kvtest import require, to_host, to_native
+from cachetest import CHUNK, cache_pool, prefix_kv
+from kvtest import run_state_machine, to_host, to_native
 from lmcache.chunk_cache import ChunkCache
 
 SLOTS = 6
@@ -222,13 +221,4 @@ class CacheModel(RuleBasedStateMachine):
 
 @pytest.mark.parametrize("backend_name", ["numpy", "torch", "jax"])
 def test_cache_matches_model(backend_name: str) -> None:
-    require(backend_name)
-    machine = type(f"CacheModel_{backend_name}", (CacheModel,), {"backend": backend_name})
-    runner = machine.TestCase
-    runner.settings = settings(
-        max_examples=120 if backend_name == "numpy" else 25,
-        stateful_step_count=30,
-        deadline=None,
-        suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much],
-    )
-    runner().runTest()
+    run_state_machine(CacheModel, backend_name, max_examples=120 if backend_name == "numpy" else 25)

@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cachetest import CHUNK, cache_pool, prefix_kv
 
+from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import to_host, to_native
 from lmcache.chunk_cache import ChunkCache
 

@@ -1,4 +1,4 @@
-"""The README's example runs, and the public API has every name and signature of the seed page."""
+"""The README's example runs, and the public API has every name and signature of the LMCache v0 API page."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from kvtest import require
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
-# (object path, parameters the seed page lists, in order). From LMCache's mem_pool reference page.
+# (object path, parameters the LMCache v0 API page lists, in order). From LMCache's mem_pool reference page.
 SEED_API = [
     ("base_pool.BasePool.allocate", ["self", "kv_chunk"]),
     ("base_pool.BasePool.free", ["self", "kv_obj"]),
@@ -29,7 +29,7 @@ SEED_API = [
 
 
 @pytest.mark.parametrize(("path", "params"), SEED_API, ids=[p for p, _ in SEED_API])
-def test_seed_names_and_signatures(path: str, params: list[str]) -> None:
+def test_lmcache_v0_names_and_signatures(path: str, params: list[str]) -> None:
     import importlib
 
     module_name, _, attr_path = path.partition(".")
@@ -42,7 +42,7 @@ def test_seed_names_and_signatures(path: str, params: list[str]) -> None:
     extra = [p for p in list(signature.parameters.values())[len(params) :]]
     variadic = (inspect.Parameter.VAR_KEYWORD, inspect.Parameter.VAR_POSITIONAL)
     assert all(p.default is not inspect.Parameter.empty or p.kind in variadic for p in extra), (
-        "parameters beyond the seed's must be optional"
+        "parameters beyond the LMCache v0 API's must be optional"
     )
     package = importlib.import_module("lmcache.storage_backend.mem_pool")
     assert getattr(package, attr_path.split(".")[0]) is getattr(

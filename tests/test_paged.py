@@ -15,12 +15,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same, host_bits, random_src
 
 from kvtest import require
 from lmcache.dtypes import KV_DTYPES
 from lmcache.errors import BackendUnavailableError, ChunkShapeError, ChunkTypeError, ConfigError
 from lmcache.paged import PagedSpec, block_table, describe, kernels, row_index, row_tokens
+from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same, host_bits, random_src
 
 
 @pytest.fixture(params=FRAMEWORK_LAYOUTS, ids=lambda p: f"{p[0]}-{p[1]}")

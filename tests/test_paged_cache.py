@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same
 
 from kvtest import SMALL_SHAPE, require, small_pool
 from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
 from lmcache.paged import block_table, describe
+from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same
 
 L, KV, CHUNK, H, D = SMALL_SHAPE
 
@@ -241,3 +241,34 @@ def test_random_tables_through_the_cache(data: st.DataObject) -> None:
     assert load(cache, target, tokens, dst_ids) == num_tokens
     expect_load(target, dst_ids, kv_bits, num_tokens)
     assert_same(target)
+
+
+def test_paged_through_a_remote_tier(redis_server: Any) -> None:
+    """store_paged writes through to the server; load_paged in another cache reads through, fetching
+    only the chunks that the block table can take."""
+    require("torch")
+    from lmcache.remote import RedisTier
+    from redis_server import require_redis
+
+    require_redis()
+    tokens = list(range(500, 545))  # 2 full chunks and a partial one
+    source = paged_cache("torch", "vllm", 16, 4, seed=11)
+    with RedisTier(redis_server.url, socket_timeout=0.5, connect_timeout=0.5) as tier:
+        writer = ChunkCache(small_pool("numpy", "float16", slots=8), namespace="p", remote=tier)
+        assert writer.store_paged(tokens, source.caches, list(range(16)), layout="vllm") == 45
+        assert writer.flush(5.0)
+        assert writer.stats().remote_writes == 3
+        kv_bits = source.ref_gather(np.arange(16), 0, 45)
+
+        reader = ChunkCache(small_pool("numpy", "float16", slots=8), namespace="p", remote=tier)
+        target = paged_cache("torch", "stacked", 16, 4, seed=12)
+        short = [9, 8, 7, 6, 5]  # 5 blocks of 4 hold 20 tokens: only the first chunk is fetched
+        assert load(reader, target, tokens, short) == 16
+        assert reader.stats().remote_hits == 1
+        expect_load(target, short, kv_bits, 16)
+        assert_same(target)
+        ids = [15, 3, 14, 2, 13, 1, 12, 0, 11, 10, 9, 8]
+        assert load(reader, target, tokens, ids) == 45
+        assert reader.stats().remote_hits == 3
+        expect_load(target, ids, kv_bits, 45)
+        assert_same(target)

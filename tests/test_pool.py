@@ -1,4 +1,4 @@
-"""The seed API end to end, on every backend: the foundation scenario and the pool's contract."""
+"""The LMCache v0 API end to end, on every backend: the foundation scenario and the pool's contract."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def _chunk(backend: str, tokens: int) -> Any:
     return np.lib.stride_tricks.as_strided(np.zeros(1, dtype=ml_dtypes.bfloat16), shape, (0,) * 5)
 
 
-def test_seed_module_paths() -> None:
+def test_lmcache_v0_module_paths() -> None:
     assert base_pool.BasePool is BasePool
     assert base_pool.KVObj is KVObj
     for cls in (LocalPool, LocalCPUPool, LocalGPUPool, LocalCPUBufferPool):
@@ -57,7 +57,7 @@ def test_seed_module_paths() -> None:
     assert issubclass(LocalPool, BasePool)
 
 
-def test_kvobj_constructs_like_the_seed() -> None:
+def test_kvobj_constructs_like_lmcache_v0() -> None:
     data = np.zeros((1, 2, 3, 1, 1))
     obj = KVObj(7, 4096, data)
     assert (obj.chunk_idx, obj.size, obj.data, obj.num_tokens, obj.pool) == (7, 4096, data, 3, None)
@@ -214,11 +214,11 @@ def test_batches_build_handles_lazily_and_mix_with_single_frees(backend: str) ->
         batch = pool.allocate_batch(chunks)
         assert isinstance(batch, KVBatch)
         assert len(batch) == 3
-        assert batch.num_tokens == [16, 3, 9]
+        assert batch.num_tokens == (16, 3, 9)
         assert batch._objs is None  # nothing built yet
         assert batch[-1] is batch[2]
         assert [obj.num_tokens for obj in batch] == [16, 3, 9]
-        assert [obj.chunk_idx for obj in batch[0:2]] == batch.chunk_idx[:2]
+        assert tuple(obj.chunk_idx for obj in batch[0:2]) == batch.chunk_idx[:2]
         for obj, chunk in zip(batch, chunks, strict=True):
             obj.copy_from(chunk)
             assert same_bits(obj.data, chunk)

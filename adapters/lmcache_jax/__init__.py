@@ -27,14 +27,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lmcache.arena import HostArena, framework_of, host_array_of
+from lmcache.arena import HostArena, clone_from_device
 from lmcache.dlpack import DLPackView
 from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ChunkTypeError, ConfigError, DeviceUnavailableError, PoolTooLargeError
+from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
 from lmcache.registry import load_adapter
 
-_GiB = float(2**30)
 _DLPACK_CUDA = 2
 
 
@@ -49,13 +49,50 @@ def _import_host(bits: np.ndarray, spec: DTypeSpec) -> jax.Array:
     return array
 
 
+def _pristine(array: Any) -> bool:
+    """Whether a cached view is as it was made: not deleted (``delete()``, donation), no attributes set.
+
+    jax.Arrays are immutable otherwise, so such a view can be handed to the next owner as its own.
+    """
+    return array is not None and not array.is_deleted() and not vars(array)
+
+
 class JaxCPUArena(HostArena):
-    """A host arena viewed as ``jax.Array`` s on JAX's CPU device (or allocated in ``pinned_host``)."""
+    """A host arena viewed as ``jax.Array`` s on JAX's CPU device (or allocated in ``pinned_host``).
+
+    Importing a view costs tens of microseconds, so the view of each slot's last length is kept and
+    handed to the next owner only while :func:`_pristine`; otherwise a new one is made.
+    """
 
     backend = "jax"
 
+    def __init__(self, layout: SlotLayout, num_slots: int, *, host: np.ndarray | None = None) -> None:
+        super().__init__(layout, num_slots, host=host)
+        self._whole_view: jax.Array | None = None
+
     def _native(self, bits: np.ndarray) -> jax.Array:
         return _import_host(bits, self.layout.dtype)
+
+    def view(self, slot: int, num_tokens: int) -> jax.Array:
+        """Return the jax.Array view of a chunk: the kept one if pristine, else a new one."""
+        kept = self._kept[slot]
+        if kept is not None and kept[0] == num_tokens and _pristine(kept[1]):
+            return cast(jax.Array, kept[1])
+        view = self._native(self.host_view(slot, num_tokens, bits=True))
+        self._kept[slot] = (num_tokens, view)
+        return view
+
+    def whole(self) -> jax.Array:
+        """Return the whole arena as a jax.Array: the kept one if pristine, else a new one."""
+        view = self._whole_view
+        if view is None or not _pristine(view):
+            view = self._whole_view = self._native(self.bits)
+        return view
+
+    def close(self) -> None:
+        """Drop the kept views; memory lives on while any view of it does."""
+        super().close()
+        self._whole_view = None
 
 
 def _gpu_devices() -> list[Any]:
@@ -114,7 +151,7 @@ class JaxGPUArena:
 
     backend = "jax"
     pinned = False
-    host = None
+    host: np.ndarray | None = None
 
     def __init__(self, layout: SlotLayout, num_slots: int, device: Any) -> None:
         self.layout = layout
@@ -124,8 +161,8 @@ class JaxGPUArena:
         limit, in_use = stats.get("bytes_limit"), stats.get("bytes_in_use", 0)
         if limit is not None and self.nbytes > limit - in_use:
             raise PoolTooLargeError(
-                f"the GPU arena needs {self.nbytes / _GiB:.2f} GiB but JAX can give "
-                f"{(limit - in_use) / _GiB:.2f} GiB on {device}; lower max_local_cache_size"
+                f"the GPU arena needs {self.nbytes / GIB:.2f} GiB but JAX can give "
+                f"{(limit - in_use) / GIB:.2f} GiB on {device}; lower max_local_cache_size"
             )
         self._jax_device = device
         self.device = f"{device.platform}:{device.id}"
@@ -149,8 +186,19 @@ class JaxGPUArena:
         return array
 
     def whole(self) -> jax.Array:
-        """Return the arena as a ``(num_slots, slot_elems)`` jax.Array."""
-        return cast(jax.Array, self._whole)
+        """Return the arena as a ``(num_slots, slot_elems)`` jax.Array (a new DLPack alias, so that
+        deleting it leaves the arena intact)."""
+        array: jax.Array = jax.dlpack.from_dlpack(
+            DLPackView(
+                self._whole,
+                self.layout.dtype,
+                shape=(self.num_slots, self.layout.slot_elems),
+                byte_offset=0,
+                device=(_DLPACK_CUDA, self._jax_device.local_hardware_id or 0),
+            ),
+            copy=False,
+        )
+        return array
 
     def export(self, slot: int, num_tokens: int, target: str) -> Any:
         """Return a chunk's view in ``target`` (JAX or torch; numpy cannot see device memory)."""
@@ -170,36 +218,56 @@ class JaxGPUArena:
     def _address(self, slot: int) -> int:
         return self.base_address + slot * self.layout.slot_bytes
 
-    def copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
+    def copy_in(self, slot: int, num_tokens: int, src: Any, framework: str) -> None:
         """Copy ``src`` into the chunk with ``cudaMemcpy`` (torch tensors with torch's own copy)."""
         nbytes = self.layout.num_elems(num_tokens) * self.layout.dtype.itemsize
-        framework = framework_of(src)
         if framework == "torch":
-            load_adapter("torch").from_dlpack(self._producer(slot, num_tokens)).copy_(src)
-            load_adapter("torch").synchronize(src)  # type: ignore[attr-defined]
+            torch_adapter = load_adapter("torch")
+            torch_adapter.from_dlpack(self._producer(slot, num_tokens)).copy_(src.detach())
+            torch_adapter.wait(src)
             return
         if framework == "jax" and any(d.platform != "cpu" for d in src.devices()):
-            src = jnp.asarray(src).block_until_ready()
+            src = jnp.array(src, copy=True).block_until_ready()  # a private, compact copy
             _CudaRuntime.copy(self._address(slot), src.unsafe_buffer_pointer(), nbytes)
             return
-        host = np.ascontiguousarray(host_array_of(src, framework))
+        host = np.array(np.asarray(src), copy=True, order="C")  # private: src may alias the slot
         _CudaRuntime.copy(self._address(slot), host.ctypes.data, nbytes)
 
-    def copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
+    def copy_out(self, slot: int, num_tokens: int, dst: Any, framework: str) -> None:
         """Copy the chunk into a numpy array or a torch tensor."""
         nbytes = self.layout.num_elems(num_tokens) * self.layout.dtype.itemsize
-        framework = framework_of(dst)
         if framework == "numpy":
             if not dst.flags.c_contiguous:
                 raise ChunkTypeError("copy_to needs a C-contiguous numpy array")
             _CudaRuntime.copy(dst.ctypes.data, self._address(slot), nbytes)
-        elif framework == "torch":
-            dst.copy_(load_adapter("torch").from_dlpack(self._producer(slot, num_tokens)))
         else:
-            raise ChunkTypeError(f"cannot copy into a {type(dst).__name__}; pass a numpy array or a tensor")
+            torch_adapter = load_adapter("torch")
+            dst.detach().copy_(torch_adapter.from_dlpack(self._producer(slot, num_tokens)))
+            torch_adapter.wait(dst)
+
+    def clone(self, slot: int, num_tokens: int, framework: str) -> Any:
+        """Return an owning copy in ``framework`` (numpy copies to the host)."""
+        return clone_from_device(self, slot, num_tokens, framework)
 
     def close(self) -> None:
         """Nothing to release: the memory goes when the last view does."""
+
+
+class _HostMemory:
+    """Host memory that a JAX array owns, exposed to numpy with the owner attached.
+
+    numpy keeps this object as the base of every array made from it, so each view of the arena (and
+    each DLPack capsule numpy exports from one) keeps the owning JAX array alive.
+    """
+
+    def __init__(self, owner: jax.Array, address: int, nbytes: int) -> None:
+        self.owner = owner
+        self.__array_interface__ = {
+            "data": (address, False),
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "version": 3,
+        }
 
 
 def _pinned_host_arena(layout: SlotLayout, num_slots: int, device: Any) -> JaxCPUArena | None:
@@ -209,10 +277,8 @@ def _pinned_host_arena(layout: SlotLayout, num_slots: int, device: Any) -> JaxCP
     sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
     nbytes = layout.slot_bytes * num_slots
     owner = jax.device_put(np.zeros(nbytes, dtype=np.uint8), sharding).block_until_ready()
-    address = owner.unsafe_buffer_pointer()
-    raw = (ctypes.c_uint8 * nbytes).from_address(address)
-    host = np.ctypeslib.as_array(raw)
-    arena = JaxCPUArena(layout, num_slots, host=host, keepalive=(owner, raw))
+    host = np.asarray(_HostMemory(owner, owner.unsafe_buffer_pointer(), nbytes))
+    arena = JaxCPUArena(layout, num_slots, host=host)
     arena.pinned = True
     return arena
 
@@ -263,13 +329,34 @@ class JaxAdapter:
         array: jax.Array = jax.dlpack.from_dlpack(producer, copy=False)
         return array
 
+    def check_source(self, array: Any) -> None:
+        """Refuse tracers (values inside ``jit``) and deleted (or donated) arrays."""
+        if isinstance(array, jax.core.Tracer):
+            raise ChunkTypeError(
+                "a JAX tracer has no value yet: copy into the pool outside jit, from the jitted function's "
+                "result"
+            )
+        if array.is_deleted():
+            raise ChunkTypeError(
+                "the JAX array was deleted (or donated to a jitted function); pass a live array"
+            )
+
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
-        """Copy a jax.Array into host memory (waits for it; copies from a GPU)."""
-        np.copyto(dst, np.asarray(src), casting="no")
+        """Copy a jax.Array into host bits (waits for it; copies from a GPU; numpy buffers overlap)."""
+        host = np.asarray(src)
+        np.copyto(dst.view(host.dtype), host, casting="no")
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         """JAX arrays are immutable; refuse with the fix."""
         raise ChunkTypeError("JAX arrays are immutable; read chunks with as_jax() or clone('jax')")
+
+    def wait(self, array: Any) -> None:
+        """Block until the array is computed."""
+        array.block_until_ready()
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """``np.asarray``: waits, aliases CPU arrays, copies GPU arrays to the host."""
+        return np.asarray(array)
 
     def clone(self, array: Any) -> jax.Array:
         """Return an owning copy, computed (``jnp.array(copy=True)``; DLPack ``copy=True`` may alias)."""

@@ -9,24 +9,28 @@ from __future__ import annotations
 import contextlib
 import math
 import weakref
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack
 
-from lmcache.arena import HostArena, framework_of, host_array_of
-from lmcache.dtypes import DTypeSpec
+from lmcache.arena import HostArena, clone_from_device
+from lmcache.dtypes import DTypeSpec, normalize_dtype
 from lmcache.errors import (
     ChunkTypeError,
     ConfigError,
     DeviceUnavailableError,
     PoolTooLargeError,
 )
+from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
 from lmcache.registry import load_adapter
 
-_GiB = float(2**30)
+#: The unsigned int of each item size: how a tensor of any dtype is read by numpy (bf16 / fp8 included).
+_BITS = {1: torch.uint8, 2: torch.uint16, 4: torch.uint32, 8: torch.uint64}
+#: Token counts whose view geometry is cached per arena (bounded: no table grows with chunk_size).
+_GEOMETRY_CACHE_LIMIT = 4096
 
 
 def torch_dtype(spec: DTypeSpec) -> torch.dtype:
@@ -38,22 +42,38 @@ def torch_dtype(spec: DTypeSpec) -> torch.dtype:
 
 
 class _Views:
-    """Makes contiguous ``(L, 2, n, H, D)`` views of slots of a 2-D torch arena with one call each."""
+    """Makes contiguous ``(L, 2, n, H, D)`` views of slots of a 2-D CUDA arena, one owner at a time.
 
-    def __init__(self, whole: torch.Tensor, layout: SlotLayout) -> None:
+    One view per slot (for its last token count) is kept and never handed out; each caller gets a
+    ``detach()`` of it: a new tensor over the same memory that shares no autograd or metadata state with
+    the kept view, the arena or any other owner's view. So an owner's ``copy_`` from a tensor that requires
+    grad, ``set_`` or ``unsqueeze_`` stays with its own tensor, and handing out a view costs one
+    ``detach`` (about a third of making a view with ``as_strided``).
+    """
+
+    def __init__(self, whole: torch.Tensor, layout: SlotLayout, num_slots: int) -> None:
         self._whole = whole
         self._layout = layout
         self._slot_elems = layout.slot_elems
         self._strides: dict[int, tuple[tuple[int, ...], tuple[int, ...]]] = {}
+        self._kept: list[tuple[int, torch.Tensor] | None] = [None] * num_slots
 
     def view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        kept = self._kept[slot]
+        if kept is None or kept[0] != num_tokens:
+            kept = self._kept[slot] = (num_tokens, self._make(slot, num_tokens))
+        return kept[1].detach()
+
+    def _make(self, slot: int, num_tokens: int) -> torch.Tensor:
         geometry = self._strides.get(num_tokens)
         if geometry is None:
             shape = self._layout.view_shape(num_tokens)
             strides = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
-            geometry = self._strides[num_tokens] = (shape, strides)
+            geometry = (shape, strides)
+            if len(self._strides) < _GEOMETRY_CACHE_LIMIT:
+                self._strides[num_tokens] = geometry
         # One as_strided call: slicing a row and then reshaping costs two tensor constructions.
-        return torch.as_strided(self._whole, geometry[0], geometry[1], slot * self._slot_elems)
+        return torch.as_strided(self._whole.detach(), geometry[0], geometry[1], slot * self._slot_elems)
 
 
 def _cudart() -> Any:
@@ -81,7 +101,6 @@ class TorchCPUArena(HostArena):
         self._dtype = torch_dtype(layout.dtype)
         whole = torch.from_numpy(self.host).view(self._dtype).view(num_slots, layout.slot_elems)
         self._whole = whole
-        self._views = _Views(whole, layout)
         self._unpin: Any = None
         if pin_memory:
             self._pin()
@@ -94,27 +113,28 @@ class TorchCPUArena(HostArena):
         err = _cudart().cudaHostRegister(self.base_address, self.nbytes, 0)
         if int(err) != 0:
             raise PoolTooLargeError(
-                f"pinning the {self.nbytes / _GiB:.2f} GiB arena failed (cudaHostRegister error "
+                f"pinning the {self.nbytes / GIB:.2f} GiB arena failed (cudaHostRegister error "
                 f"{int(err)}); the machine cannot page-lock that much: lower max_local_cache_size "
                 "or pass pin_memory=False"
             )
         self.pinned = True
         self._unpin = weakref.finalize(self, _unregister, self.base_address)
 
-    def view(self, slot: int, num_tokens: int) -> torch.Tensor:
-        """Return the tensor view of a chunk."""
-        return self._views.view(slot, num_tokens)
-
     def _native(self, bits: np.ndarray) -> torch.Tensor:
         tensor: torch.Tensor = torch.from_numpy(bits).view(self._dtype)
         return tensor
 
+    def _alias(self, view: Any) -> torch.Tensor:
+        """A ``detach()``: a new tensor over the same memory with no autograd or metadata link."""
+        return view.detach()  # type: ignore[no-any-return]
+
     def whole(self) -> torch.Tensor:
-        """Return the whole arena as a ``(num_slots, slot_elems)`` tensor."""
-        return cast(torch.Tensor, self._whole)
+        """Return the whole arena as a new ``(num_slots, slot_elems)`` tensor (a detached alias)."""
+        return self._whole.detach()
 
     def close(self) -> None:
-        """Unpin the arena (its memory stays valid for outstanding views)."""
+        """Unpin the arena (its memory stays valid for outstanding views) and drop the kept views."""
+        super().close()
         if self._unpin is not None:
             self._unpin()
             self.pinned = False
@@ -125,7 +145,7 @@ class TorchCUDAArena:
 
     backend = "torch"
     pinned = False
-    host = None
+    host: np.ndarray | None = None
 
     def __init__(self, layout: SlotLayout, num_slots: int, device: torch.device) -> None:
         self.layout = layout
@@ -134,8 +154,8 @@ class TorchCUDAArena:
         free, _total = torch.cuda.mem_get_info(device)
         if self.nbytes > free:
             raise PoolTooLargeError(
-                f"the GPU arena needs {self.nbytes / _GiB:.2f} GiB but {device} has "
-                f"{free / _GiB:.2f} GiB free; lower max_local_cache_size"
+                f"the GPU arena needs {self.nbytes / GIB:.2f} GiB but {device} has "
+                f"{free / GIB:.2f} GiB free; lower max_local_cache_size"
             )
         self._device = device
         self.device = str(device)
@@ -143,15 +163,15 @@ class TorchCUDAArena:
         raw = torch.empty(self.nbytes, dtype=torch.uint8, device=device)
         self._whole = raw.view(self._dtype).view(num_slots, layout.slot_elems)
         self.base_address = int(raw.data_ptr())
-        self._views = _Views(self._whole, layout)
+        self._views = _Views(self._whole, layout, num_slots)
 
     def view(self, slot: int, num_tokens: int) -> torch.Tensor:
         """Return the CUDA tensor view of a chunk."""
         return self._views.view(slot, num_tokens)
 
     def whole(self) -> torch.Tensor:
-        """Return the whole arena as a ``(num_slots, slot_elems)`` CUDA tensor."""
-        return self._whole
+        """Return the whole arena as a new ``(num_slots, slot_elems)`` CUDA tensor (a detached alias)."""
+        return self._whole.detach()
 
     def export(self, slot: int, num_tokens: int, target: str) -> Any:
         """Return a chunk's view in ``target`` (torch or JAX; numpy cannot see device memory)."""
@@ -170,50 +190,67 @@ class TorchCUDAArena:
         """The chunk's CUDA tensor is itself a DLPack producer."""
         return self.view(slot, num_tokens)
 
-    def copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
+    def copy_in(self, slot: int, num_tokens: int, src: Any, framework: str) -> None:
         """Copy ``src`` into the chunk on the device; synchronize so the bytes are there on return."""
         dst = self.view(slot, num_tokens)
-        dst.copy_(as_tensor(src))
+        source = as_tensor(src, framework)
+        with torch.no_grad():
+            dst.copy_(_unaliased(source, dst))
         torch.cuda.current_stream(self._device).synchronize()
 
-    def copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
+    def copy_out(self, slot: int, num_tokens: int, dst: Any, framework: str) -> None:
         """Copy the chunk into ``dst`` (a numpy array or a torch tensor on any device)."""
         src = self.view(slot, num_tokens)
-        framework = framework_of(dst)
-        if framework == "torch":
-            dst.copy_(src)
-        elif framework == "numpy":
-            torch.from_numpy(dst.view(self.layout.dtype.bits_dtype)).view(self._dtype).copy_(src)
-        else:
-            raise ChunkTypeError(f"cannot copy into a {type(dst).__name__}; pass a numpy array or a tensor")
+        with torch.no_grad():
+            if framework == "torch":
+                dst.copy_(_unaliased(src, dst))
+            else:
+                torch.from_numpy(dst.view(self.layout.dtype.bits_dtype)).view(self._dtype).copy_(src)
         torch.cuda.current_stream(self._device).synchronize()
+
+    def clone(self, slot: int, num_tokens: int, framework: str) -> Any:
+        """Return an owning copy in ``framework`` (numpy copies to the host)."""
+        return clone_from_device(self, slot, num_tokens, framework)
 
     def close(self) -> None:
         """Nothing to release: the memory goes when the last view does."""
 
 
-def as_tensor(src: Any) -> torch.Tensor:
-    """Return ``src`` (torch, numpy, JAX or a DLPack producer) as a tensor, without a copy where possible.
+def as_tensor(src: Any, framework: str) -> torch.Tensor:
+    """Return ``src`` (a checked torch, numpy or JAX array) as a tensor, without a copy where possible.
 
     numpy arrays with negative or odd strides are made contiguous first (``torch.from_numpy`` rejects
     negative strides, and ``torch.from_dlpack`` of such a view aborts the process).
     """
-    framework = framework_of(src)
     if framework == "torch":
         return src  # type: ignore[no-any-return]
     if framework == "jax" and _jax_on_gpu(src):
         src.block_until_ready()
         return from_dlpack(src)
-    host = np.ascontiguousarray(host_array_of(src, framework))
+    host = np.ascontiguousarray(np.asarray(src))  # a JAX array is waited for and read on the host
     bits = host.view(f"u{host.dtype.itemsize}") if host.dtype.itemsize in (1, 2, 4, 8) else host
-    return torch.from_numpy(bits).view(torch_dtype_of_numpy(host.dtype))
+    return torch.from_numpy(bits).view(torch_dtype(normalize_dtype(host.dtype)))
 
 
-def torch_dtype_of_numpy(dtype: np.dtype[Any]) -> torch.dtype:
-    """Return the torch dtype with the same name as a numpy / ml_dtypes dtype."""
-    from lmcache.dtypes import normalize_dtype
+def _span(tensor: torch.Tensor) -> tuple[int, int]:
+    """The byte range ``[start, stop)`` a strided tensor's elements occupy."""
+    start = tensor.data_ptr()
+    if tensor.numel() == 0:
+        return start, start
+    last = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride(), strict=True))
+    return start, start + (last + 1) * tensor.element_size()
 
-    return torch_dtype(normalize_dtype(dtype))
+
+def _unaliased(src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """Return ``src``, or a copy of it where it shares memory with ``dst`` (torch's ``copy_`` does not
+    buffer overlapping copies, so a source straddling the destination would be read half-overwritten)."""
+    if src.device != dst.device:
+        return src
+    src_start, src_stop = _span(src)
+    dst_start, dst_stop = _span(dst)
+    if src_start < dst_stop and dst_start < src_stop:
+        return src.clone()
+    return src
 
 
 def _jax_on_gpu(array: Any) -> bool:
@@ -267,15 +304,45 @@ class TorchAdapter:
         """Import a DLPack producer with ``torch.from_dlpack``."""
         return from_dlpack(producer)
 
+    def check_source(self, array: Any) -> None:
+        """Refuse tensors that are not plain strided memory: meta, sparse, quantized, nested."""
+        if array.is_meta:
+            raise ChunkTypeError(
+                "a meta tensor has no data to copy; materialize it first (for example torch.empty_like "
+                "on a real device, then fill it)"
+            )
+        if array.layout != torch.strided or array.is_quantized or getattr(array, "is_nested", False):
+            raise ChunkTypeError(
+                f"a torch tensor with layout {array.layout} (quantized={array.is_quantized}) cannot be "
+                "copied as raw memory; convert it to a dense tensor first (.to_dense() or .dequantize())"
+            )
+
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
-        """Copy a tensor (any device) into host bits ``dst``; D2H copies return when done."""
-        torch.from_numpy(dst).view(src.dtype).copy_(src)
+        """Copy a tensor (any device) into host bits ``dst``; exact when ``src`` overlaps ``dst``."""
+        target = torch.from_numpy(dst).view(src.dtype)
+        with torch.no_grad():  # never put the arena into an autograd graph
+            target.copy_(_unaliased(src, target))
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         """Copy host bits ``src`` into tensor ``dst``; synchronize when ``dst`` is on a GPU."""
-        dst.copy_(torch.from_numpy(src).view(dst.dtype))
+        source = torch.from_numpy(src).view(dst.dtype)
+        with torch.no_grad():
+            dst.copy_(_unaliased(source, dst))
         if dst.is_cuda:
             torch.cuda.current_stream(dst.device).synchronize()
+
+    def to_host(self, array: Any) -> np.ndarray:
+        """A numpy view of a CPU tensor's memory (through its bits, so bf16 / fp8 work), else a host copy."""
+        tensor = array.detach()
+        if tensor.device.type != "cpu":
+            tensor = tensor.cpu()
+        spec = normalize_dtype(tensor.dtype)
+        return tensor.view(_BITS[spec.itemsize]).numpy().view(spec.numpy_dtype)  # type: ignore[no-any-return]
+
+    def wait(self, array: Any) -> None:
+        """Wait for all work on a CUDA tensor's device (CPU tensors are never pending)."""
+        if array.is_cuda:
+            torch.cuda.synchronize(array.device)
 
     def clone(self, array: Any) -> torch.Tensor:
         """Return an owning copy of a tensor."""
@@ -286,10 +353,6 @@ class TorchAdapter:
         if not torch.cuda.is_available():
             return []
         return [f"cuda:{i}" for i in range(torch.cuda.device_count())]
-
-    def synchronize(self, tensor: torch.Tensor) -> None:
-        """Wait for all work on the tensor's CUDA device."""
-        torch.cuda.synchronize(tensor.device)
 
 
 ADAPTER = TorchAdapter()

@@ -40,7 +40,8 @@ def test_naive_baseline(benchmark: Any, backend: str, shape: tuple[int, ...]) ->
     require(backend)
     benchmark.group = f"allocate+data+free {backend} {'full' if shape == SHAPE else 'partial'}"
     arena = bench._pool(backend, SHAPE, "bfloat16", 1)
-    naive = bench.NaivePool([arena._arena.view(i, SHAPE[2]) for i in range(arena.max_chunk_num)], 1)
+    full = bench._shape_only(backend, SHAPE, "bfloat16")
+    naive = bench.NaivePool([arena.allocate(full).data for _ in range(arena.max_chunk_num)], 1)
     benchmark(_cycle, naive, bench._shape_only(backend, shape, "bfloat16"))
 
 

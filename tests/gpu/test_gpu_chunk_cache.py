@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 import pytest
-from cachetest import prefix_kv
 
+from cachetest import prefix_kv
 from kvtest import require_gpu, same_bits, to_host
 from lmcache.chunk_cache import ChunkCache
 from lmcache.config import LMCacheMemPoolMetadata

@@ -11,13 +11,13 @@ from typing import Any
 
 import numpy as np
 import pytest
-from pagedtest import Paged, assert_same
 
 from kvtest import SMALL_SHAPE, require_gpu, small_pool
 from lmcache.chunk_cache import ChunkCache
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.paged import block_table, describe
 from lmcache.storage_backend.mem_pool import LocalGPUPool
+from pagedtest import Paged, assert_same
 
 L, KV, CHUNK, H, D = SMALL_SHAPE
 

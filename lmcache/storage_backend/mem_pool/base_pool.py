@@ -1,13 +1,58 @@
-"""The pool interface (:class:`BasePool`) and the handle it returns (:class:`KVObj`)."""
+"""The pool interface (:class:`BasePool`) and the handles it returns (:class:`KVObj`, :class:`KVBatch`)."""
 
 from __future__ import annotations
 
 import abc
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, overload
+from typing import Any, NoReturn, Protocol, overload
 
-if TYPE_CHECKING:
-    from lmcache.storage_backend.mem_pool.local_pool import LocalPool
+
+class ChunkOwner(Protocol):
+    """What a handle needs from the pool that issued it: ownership checks and access to slot memory.
+
+    Handles pass their own identity (slot, tokens, generation) to these methods; the owner never reads a
+    handle's state. :class:`~lmcache.storage_backend.mem_pool.local_pool.LocalPool` implements it.
+    """
+
+    def check_handle(self, slot: int, generation: int) -> None:
+        """Raise the reason (stale, double free, edited, closed) unless the handle owns ``slot``."""
+        ...
+
+    def handle_is_live(self, slot: int, generation: int) -> bool:
+        """Whether the handle ``(slot, generation)`` owns its slot now."""
+        ...
+
+    def chunk_view(self, slot: int, num_tokens: int, framework: str | None) -> Any:
+        """Return a view of the chunk whose object state belongs to the caller alone (no copy)."""
+        ...
+
+    def chunk_producer(self, slot: int, num_tokens: int) -> Any:
+        """Return a DLPack producer of the chunk's memory."""
+        ...
+
+    def chunk_copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
+        """Check ``src`` completely, then copy it into the chunk."""
+        ...
+
+    def chunk_copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
+        """Check ``dst``, then copy the chunk into it."""
+        ...
+
+    def chunk_clone(self, slot: int, num_tokens: int, framework: str | None) -> Any:
+        """Return an owning copy of the chunk in ``framework`` (default: the pool's)."""
+        ...
+
+    def make_handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
+        """Build the KVObj of a slot handed out with ``generation``."""
+        ...
+
+
+def _refuse_pickle(what: str) -> NoReturn:
+    raise TypeError(
+        f"a {what} is a handle to pool memory and cannot be pickled or copied: a copy would be a second "
+        "owner of the slot. Send the bytes instead (kv_obj.clone('numpy')), or share the pool's memory "
+        "(pool.base_address, pool.slot_address(i))"
+    )
 
 
 class KVObj:
@@ -17,32 +62,33 @@ class KVObj:
     LMCache), but such an object belongs to no pool and every pool refuses to free it.
 
     Attributes:
-        chunk_idx: the slot's index in the pool.
+        chunk_idx: the slot's index in the pool (read-only).
         size: bytes the object occupies in the pool (the slot stride, ``pool.size_per_chunk``).
-        num_tokens: tokens the chunk holds (``data.shape[2]``).
+        num_tokens: tokens the chunk holds (``data.shape[2]``; read-only).
+        generation: the ticket the slot was handed out with (0 for a hand-built object).
 
     ``data`` is a contiguous ``(L, 2, num_tokens, H, D)`` array in the pool's framework that aliases the
-    start of the slot. For JAX pools it is made on first access (importing a view costs tens of
-    microseconds), then kept. ``as_numpy()``, ``as_torch()``, ``as_jax()`` and the DLPack protocol give
-    the same memory to any framework without a copy.
+    start of the slot. It is made on first access and belongs to this handle alone: what one owner does
+    to its view object (reshaping it in place, ``requires_grad``, ``set_``, deleting a JAX array) never
+    reaches the next owner of the slot. ``as_numpy()``, ``as_torch()``, ``as_jax()`` and the DLPack
+    protocol give the same memory to any framework without a copy.
 
-    A KVObj is a handle: once freed, its slot can go to another owner. Its conversions and copies then
-    raise :class:`~lmcache.errors.InvalidHandleError`; arrays obtained earlier still point at the slot's
-    memory (valid memory, but no longer yours).
+    A KVObj is a handle: once freed, its slot can go to another owner. Every way to reach the memory
+    through it (``data`` included) then raises :class:`~lmcache.errors.InvalidHandleError`; arrays
+    obtained earlier still point at the slot's memory (valid memory, but no longer yours). Handles cannot
+    be pickled or copied (a copy would be a second owner).
     """
 
-    # ``data`` is a plain slot, read at C speed; left unset, __getattr__ makes the view on first access.
     __slots__ = {
-        "_generation": "The ticket the slot was handed out with (see ChunkAllocator).",
+        "_chunk_idx": "The slot's index in the pool.",
+        "_data": "The native view, made on first access (or what a hand-built object was given).",
+        "_generation": "The ticket the slot was handed out with (see ChunkAllocator); 0 if hand-built.",
+        "_num_tokens": "Tokens the chunk holds.",
         "_pool": "The pool that allocated this object, or None.",
+        "_size": "Bytes the object occupies in the pool: the slot stride.",
         "_views": "Views in other frameworks, made on first use.",
-        "chunk_idx": "The slot's index in the pool.",
-        "data": "The chunk as a contiguous (L, 2, num_tokens, H, D) array of the pool's framework.",
-        "num_tokens": "Tokens the chunk holds (data.shape[2]).",
-        "size": "Bytes the object occupies in the pool: the slot stride, pool.size_per_chunk.",
     }
     _views: dict[str, Any]
-    data: Any
 
     def __init__(
         self,
@@ -50,29 +96,57 @@ class KVObj:
         size: int,
         data: Any = None,
         num_tokens: int | None = None,
-        pool: LocalPool | None = None,
+        pool: ChunkOwner | None = None,
         generation: int = 0,
     ) -> None:
-        self.chunk_idx = chunk_idx
-        self.size = size
-        if data is not None or pool is None:
-            self.data = data
+        self._chunk_idx = chunk_idx
+        self._size = size
+        self._data = data
         if num_tokens is None:
             num_tokens = int(data.shape[2]) if data is not None else 0
-        self.num_tokens: int = num_tokens
+        self._num_tokens: int = num_tokens
         self._pool = pool
         self._generation = generation
         # _views (conversions to other frameworks) is set on first use: most objects never need it.
 
-    def __getattr__(self, name: str) -> Any:
-        # Called only for unset slots: ``data`` of a pool's object whose view is not made yet.
-        if name == "data":
-            data = self.data = self._pool._native_view(self)  # type: ignore[union-attr]
-            return data
-        raise AttributeError(f"'KVObj' object has no attribute {name!r}")
+    @property
+    def chunk_idx(self) -> int:
+        """The slot's index in the pool."""
+        return self._chunk_idx
 
     @property
-    def pool(self) -> LocalPool | None:
+    def size(self) -> int:
+        """Bytes the object occupies in the pool: the slot stride, ``pool.size_per_chunk``."""
+        return self._size
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens the chunk holds (``data.shape[2]``)."""
+        return self._num_tokens
+
+    @property
+    def generation(self) -> int:
+        """The ticket the slot was handed out with: what the pool checks on every use (0: hand-built)."""
+        return self._generation
+
+    @property
+    def data(self) -> Any:
+        """The chunk as a contiguous ``(L, 2, num_tokens, H, D)`` array of the pool's framework.
+
+        Raises:
+            InvalidHandleError: the object was freed (its slot may belong to another owner now).
+        """
+        pool = self._pool
+        if pool is None:
+            return self._data
+        pool.check_handle(self._chunk_idx, self._generation)
+        data = self._data
+        if data is None:
+            data = self._data = pool.chunk_view(self._chunk_idx, self._num_tokens, None)
+        return data
+
+    @property
+    def pool(self) -> ChunkOwner | None:
         """The pool that allocated this object, or None for a hand-built one."""
         return self._pool
 
@@ -80,7 +154,28 @@ class KVObj:
     def is_live(self) -> bool:
         """Whether this object still owns its slot (allocated and not yet freed)."""
         pool = self._pool
-        return pool is not None and pool._is_live(self)
+        return pool is not None and pool.handle_is_live(self._chunk_idx, self._generation)
+
+    def _owner(self) -> ChunkOwner:
+        pool = self._pool
+        if pool is None:
+            from lmcache.errors import ForeignHandleError
+
+            raise ForeignHandleError(
+                "this KVObj was built by hand and belongs to no pool; get KVObjs from pool.allocate()"
+            )
+        pool.check_handle(self._chunk_idx, self._generation)
+        return pool
+
+    def _export(self, framework: str) -> Any:
+        pool = self._owner()
+        views = getattr(self, "_views", None)
+        if views is None:
+            views = self._views = {}
+        view = views.get(framework)
+        if view is None:
+            view = views[framework] = pool.chunk_view(self._chunk_idx, self._num_tokens, framework)
+        return view
 
     def as_numpy(self) -> Any:
         """Return the chunk as a numpy array aliasing the slot (bf16 / fp8 as ml_dtypes types).
@@ -89,11 +184,11 @@ class KVObj:
             InvalidHandleError: the object was freed or belongs to no pool.
             ChunkTypeError: the slot is in device memory (copy it out with :meth:`clone` instead).
         """
-        return self._owner()._export(self, "numpy")
+        return self._export("numpy")
 
     def as_torch(self) -> Any:
         """Return the chunk as a ``torch.Tensor`` aliasing the slot (no copy)."""
-        return self._owner()._export(self, "torch")
+        return self._export("torch")
 
     def as_jax(self) -> Any:
         """Return the chunk as a ``jax.Array`` aliasing the slot (no copy).
@@ -101,23 +196,23 @@ class KVObj:
         JAX runs work asynchronously: before this chunk is freed or overwritten, wait for every
         computation that reads the view (``out.block_until_ready()``, or ``pool.free(obj, wait_for=out)``).
         """
-        return self._owner()._export(self, "jax")
+        return self._export("jax")
 
     def copy_from(self, src: Any) -> None:
         """Copy ``src`` (numpy, torch, JAX or any DLPack producer, on any device) into the slot.
 
-        ``src`` must have exactly this object's shape and the pool's dtype. Returns when the bytes are
-        in the slot.
+        ``src`` must have exactly this object's shape and the pool's dtype; it may overlap the slot.
+        It is checked completely before any byte is written. Returns when the bytes are in the slot.
         """
-        self._owner()._copy_from(self, src)
+        self._owner().chunk_copy_in(self._chunk_idx, self._num_tokens, src)
 
     def copy_to(self, dst: Any) -> None:
         """Copy the chunk into the writable array ``dst`` (numpy, or torch on any device)."""
-        self._owner()._copy_to(self, dst)
+        self._owner().chunk_copy_out(self._chunk_idx, self._num_tokens, dst)
 
     def clone(self, framework: str | None = None) -> Any:
         """Return an owning copy of the chunk in ``framework`` (default: the pool's), ready to use."""
-        return self._owner()._clone(self, framework)
+        return self._owner().chunk_clone(self._chunk_idx, self._num_tokens, framework)
 
     def __dlpack__(
         self,
@@ -130,57 +225,72 @@ class KVObj:
         """Export the chunk through DLPack (so ``torch.from_dlpack(obj)`` and friends work)."""
         from lmcache.dlpack import export
 
-        producer = self._owner()._dlpack_producer(self)
+        producer = self._owner().chunk_producer(self._chunk_idx, self._num_tokens)
         return export(producer, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         """Return the DLPack ``(device_type, device_id)`` of the slot's memory."""
-        return self._owner()._dlpack_producer(self).__dlpack_device__()  # type: ignore[no-any-return]
+        producer = self._owner().chunk_producer(self._chunk_idx, self._num_tokens)
+        return producer.__dlpack_device__()  # type: ignore[no-any-return]
 
-    def _owner(self) -> LocalPool:
-        pool = self._pool
-        if pool is None:
-            from lmcache.errors import ForeignHandleError
-
-            raise ForeignHandleError(
-                "this KVObj was built by hand and belongs to no pool; get KVObjs from pool.allocate()"
-            )
-        pool._check_live(self)
-        return pool
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        if self._pool is not None:
+            _refuse_pickle("KVObj from a pool")
+        return (KVObj, (self._chunk_idx, self._size, self._data, self._num_tokens))
 
     def __repr__(self) -> str:
         state = "live" if self.is_live else ("unowned" if self._pool is None else "freed")
-        return f"KVObj(chunk_idx={self.chunk_idx}, size={self.size}, num_tokens={self.num_tokens}, {state})"
+        return (
+            f"KVObj(chunk_idx={self._chunk_idx}, size={self._size}, num_tokens={self._num_tokens}, {state})"
+        )
 
 
 class KVBatch(Sequence[KVObj]):
     """The result of ``allocate_batch``: a sequence of :class:`KVObj`, one per chunk, in order.
 
-    A batch holds its slots as two plain lists (``chunk_idx``, ``num_tokens``) and a run of tickets, and
-    builds each KVObj the first time it is indexed or iterated (then keeps it). So a batch that is
-    handed to ``free_batch`` untouched, or addressed by ``chunk_idx`` (as jitted JAX code over
-    ``pool.arena`` does), costs no per-chunk Python objects at all.
+    A batch holds its slots as two tuples (``chunk_idx``, ``num_tokens``) and a run of tickets, and builds
+    each KVObj the first time it is indexed or iterated (then keeps it). So a batch that is handed to
+    ``free_batch`` untouched, or addressed by ``chunk_idx`` (as jitted JAX code over ``pool.arena``
+    does), costs no per-chunk Python objects at all. Its identity cannot be edited: the tuples are
+    immutable and ``free_batch`` checks every slot against the ticket it was handed out with.
 
     Its KVObjs are ordinary handles: free them one by one, or the whole batch with ``free_batch``
     (which then checks every slot, like freeing each KVObj).
     """
 
-    __slots__ = ("_objs", "_pool", "_size", "_ticket0", "chunk_idx", "num_tokens")
+    __slots__ = ("_chunk_idx", "_num_tokens", "_objs", "_pool", "_ticket0")
 
     def __init__(
-        self, pool: LocalPool, chunk_idx: list[int], num_tokens: list[int], first_ticket: int, size: int
+        self, pool: ChunkOwner, chunk_idx: Sequence[int], num_tokens: Sequence[int], first_ticket: int
     ) -> None:
         self._pool = pool
-        #: Slot index of each chunk, in the order of ``allocate_batch``'s input.
-        self.chunk_idx = chunk_idx
-        #: Tokens of each chunk.
-        self.num_tokens = num_tokens
+        self._chunk_idx = tuple(chunk_idx)
+        self._num_tokens = tuple(num_tokens)
         self._ticket0 = first_ticket
-        self._size = size
         self._objs: list[KVObj | None] | None = None
 
+    @property
+    def pool(self) -> ChunkOwner:
+        """The pool that allocated the batch."""
+        return self._pool
+
+    @property
+    def chunk_idx(self) -> tuple[int, ...]:
+        """Slot index of each chunk, in the order of ``allocate_batch``'s input."""
+        return self._chunk_idx
+
+    @property
+    def num_tokens(self) -> tuple[int, ...]:
+        """Tokens of each chunk."""
+        return self._num_tokens
+
+    @property
+    def generations(self) -> range:
+        """The generation (ticket) of each chunk's slot: what ``free_batch`` checks."""
+        return range(self._ticket0, self._ticket0 + len(self._chunk_idx))
+
     def __len__(self) -> int:
-        return len(self.chunk_idx)
+        return len(self._chunk_idx)
 
     @overload
     def __getitem__(self, index: int) -> KVObj: ...
@@ -193,22 +303,21 @@ class KVBatch(Sequence[KVObj]):
             return [self[i] for i in range(*index.indices(len(self)))]
         objs = self._objs
         if objs is None:
-            objs = self._objs = [None] * len(self.chunk_idx)
+            objs = self._objs = [None] * len(self._chunk_idx)
         obj = objs[index]
         if obj is None:
             position = range(len(objs))[index]  # raises IndexError like a list
-            obj = objs[index] = self._pool._handle(
-                self.chunk_idx[position], self.num_tokens[position], self._ticket0 + position
+            obj = objs[index] = self._pool.make_handle(
+                self._chunk_idx[position], self._num_tokens[position], self._ticket0 + position
             )
         return obj
 
-    @property
-    def generations(self) -> range:
-        """The generation (ticket) of each chunk's slot: what ``free_batch`` checks."""
-        return range(self._ticket0, self._ticket0 + len(self.chunk_idx))
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        _refuse_pickle("KVBatch")
 
     def __repr__(self) -> str:
-        return f"KVBatch({len(self)} chunks, chunk_idx={self.chunk_idx[:8]}{'...' if len(self) > 8 else ''})"
+        more = "..." if len(self) > 8 else ""
+        return f"KVBatch({len(self)} chunks, chunk_idx={list(self._chunk_idx[:8])}{more})"
 
 
 class BasePool(abc.ABC):
@@ -234,4 +343,4 @@ class BasePool(abc.ABC):
         """Free the slot of ``kv_obj`` so that it can be allocated again."""
 
 
-__all__ = ["BasePool", "KVBatch", "KVObj"]
+__all__ = ["BasePool", "ChunkOwner", "KVBatch", "KVObj"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
+import math
 import operator
 import threading
 import time
@@ -10,40 +10,25 @@ from collections.abc import Iterable, Sequence
 from itertools import repeat
 from typing import Any
 
-import numpy as np
-
-from lmcache.allocator import ChunkAllocator, PoolStats
-from lmcache.arena import Arena, check_array
+from lmcache import forksafe
+from lmcache.allocator import ChunkAllocator, PoolStats, closed_error
+from lmcache.arena import Arena
+from lmcache.checks import ChunkChecker
 from lmcache.config import LMCacheMemPoolMetadata
-from lmcache.dtypes import normalize_dtype
-from lmcache.errors import (
-    ChunkShapeError,
-    ChunkTypeError,
-    ConfigError,
-    ForeignHandleError,
-    PoolClosedError,
-)
+from lmcache.errors import ChunkTypeError, ConfigError, ForeignHandleError
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
-from lmcache.registry import load_adapter, resolve_backend
+from lmcache.registry import detect_framework, load_adapter, resolve_backend
 from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
-
-
-def _closed(*_args: Any) -> Any:
-    raise PoolClosedError("the pool was closed; create a new pool to allocate or free again")
-
-
-class _ClosedLock:
-    """Stands in for a closed pool's lock, so the hot path checks ``closed`` at no cost."""
-
-    def acquire(self) -> bool:
-        return bool(_closed())
-
-    def release(self) -> None:  # never reached: acquire raises
-        _closed()
 
 
 class LocalPool(BasePool):
     """A pool of ``max_chunk_num`` equal slots in one arena, for chunks of up to ``chunk_size`` tokens.
+
+    The pool composes three parts, each owning its state: a :class:`~lmcache.allocator.ChunkAllocator`
+    (which slots are free, who owns the others), an arena (the memory and its views, from the backend's
+    adapter) and a :class:`~lmcache.checks.ChunkChecker` (what an argument may be). It also serves its
+    handles (:class:`~lmcache.storage_backend.mem_pool.base_pool.ChunkOwner`): every use of a KVObj is
+    checked against the allocator, and every view it gets is its own.
 
     Args:
         metadata: chunk shape, dtype and memory budget.
@@ -55,7 +40,7 @@ class LocalPool(BasePool):
             accelerator. Pinning registers exactly the arena's bytes.
         thread_safe: guard every public method with a lock (default). ``False`` removes the lock for
             single-owner use.
-        slot_alignment: slot stride multiple in bytes (a power of two >= 256).
+        slot_alignment: slot stride multiple in bytes (a power of two from 256 to 1 GiB).
 
     Raises:
         ConfigError: bad metadata or options; the budget is smaller than one slot.
@@ -112,21 +97,14 @@ class LocalPool(BasePool):
         #: Where the arena lives (``"cpu"``, ``"cuda:0"``).
         self.device: str = self._arena.device
         self._allocator = ChunkAllocator(self.max_chunk_num, thread_safe=thread_safe)
-        # The allocator's state, shared (same objects) for the single-slot hot path; see ChunkAllocator.
-        self._lock: Any = self._allocator.lock
-        self._free_slots = self._allocator.free_slots
-        self._generation = self._allocator.generation
-        self._full_shape = self.layout.kv_shape
-        self._view_shapes = [self.layout.view_shape(n) for n in range(self.chunk_size + 1)]
-        # Views are made once per slot (full chunks) or kept per slot for the last partial length:
-        # making a torch or JAX view costs more than the whole allocate.
-        self._full_views: list[Any] = [None] * self.max_chunk_num
-        self._partial_views: list[tuple[int, Any] | None] = [None] * self.max_chunk_num
-        self._ok_dtypes: set[Any] = set()
-        self._fast_dtype: Any = None
-        self._closed = False
+        self._checker = ChunkChecker(self.layout, self.backend)
+        # Bound once: the hot path calls them without attribute lookups.
+        self._acquire_one = self._allocator.acquire_one
+        self._release_one = self._allocator.release_one
+        self._is_live = self._allocator.is_live
+        self._shapes = self._checker.shapes  # read only here; the checker fills it
 
-    # -- the seed API ------------------------------------------------------------------------------
+    # -- the LMCache v0 API ------------------------------------------------------------------------
     def init_max_chunk_num(self, metadata: LMCacheMemPoolMetadata) -> int:
         """Return how many slots fit in the budget: ``floor(max_local_cache_size * 2**30 / slot bytes)``.
 
@@ -140,7 +118,8 @@ class LocalPool(BasePool):
             raise ConfigError(
                 f"max_local_cache_size={metadata.max_local_cache_size} GiB ({budget} bytes) is smaller "
                 f"than one chunk slot ({layout.slot_bytes} bytes for kv_shape {metadata.kv_shape} "
-                f"{metadata.dtype.name}); raise max_local_cache_size or shrink the chunk"
+                f"{metadata.dtype.name} at slot_alignment {layout.slot_alignment}); raise "
+                "max_local_cache_size or shrink the chunk"
             )
         return int(count)
 
@@ -160,49 +139,28 @@ class LocalPool(BasePool):
             This does not perform the actual memory movement; see :meth:`put`.
 
         Raises:
-            ChunkTypeError: ``kv_chunk`` has no shape.
+            ChunkTypeError: ``kv_chunk`` has no shape, or its dims are not ints.
             ChunkShapeError: a dim or the dtype does not match; the pool is unchanged.
             PoolClosedError: the pool was closed.
         """
-        # Fast path: one shape comparison and one identity check for the dtype seen before; anything
-        # else goes through _tokens_of, which validates fully and raises with the reason.
+        # Fast path: an int token count, the dtype object seen before, and a shape equal to the cached
+        # view shape; anything else goes through the checker, which validates fully and says why.
         try:
             shape = kv_chunk.shape
             num_tokens = shape[2]
             fast = (
-                kv_chunk.dtype is self._fast_dtype
-                and 0 < num_tokens <= self.chunk_size
-                and shape == self._view_shapes[num_tokens]
+                num_tokens.__class__ is int
+                and kv_chunk.dtype is self._checker.fast_dtype
+                and shape == self._shapes.get(num_tokens)
             )
-        except (AttributeError, TypeError, IndexError):
+        except (AttributeError, TypeError, IndexError, ValueError):
             fast = False
         if not fast:
-            num_tokens = self._tokens_of(kv_chunk)
-        # Hand out a slot: the allocator's single-slot operation, inlined (see ChunkAllocator).
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()  # a closed pool's lock raises PoolClosedError here
-        try:
-            free_slots = self._free_slots
-            if free_slots:
-                slot = free_slots.pop()
-            else:
-                slot = self._allocator.take_fresh()
-                if slot < 0:
-                    return None
-            allocator = self._allocator
-            ticket = allocator.ticket = allocator.ticket + 1
-            self._generation[slot] = ticket
-        finally:
-            if lock is not None:
-                lock.release()
-        # What _handle does, inlined: one Python call less on the hot path.
-        if num_tokens == self.chunk_size:
-            view = self._full_views[slot]
-        else:
-            cached = self._partial_views[slot]
-            view = cached[1] if cached is not None and cached[0] == num_tokens else None
-        return KVObj(slot, self.size_per_chunk, view, num_tokens, self, ticket)
+            num_tokens = self._checker.check_chunk(kv_chunk)
+        taken = self._acquire_one()
+        if taken is None:
+            return None
+        return KVObj(taken[0], self.size_per_chunk, None, num_tokens, self, taken[1])
 
     def free(self, kv_obj: KVObj, *, wait_for: Any = None) -> None:
         """Give the slot of ``kv_obj`` back to the pool and increase the free count by 1.
@@ -217,34 +175,17 @@ class LocalPool(BasePool):
             DoubleFreeError, StaleHandleError, ForeignHandleError: the handle does not own a slot of
                 this pool; the pool is unchanged.
         """
-        if wait_for is not None or kv_obj.__class__ is not KVObj or kv_obj._pool is not self:
-            if not isinstance(kv_obj, KVObj):
-                raise ForeignHandleError(f"free() takes a KVObj, got {type(kv_obj).__name__}")
-            if kv_obj._pool is not self:
-                raise self._foreign(kv_obj)
-            self._check_live(kv_obj)
-            if wait_for is not None:
-                wait_until_ready(wait_for)
-        # Take the slot back if the handle still owns it: the allocator's single-slot operation, inlined.
-        slot, generation = kv_obj.chunk_idx, kv_obj._generation
-        lock = self._lock
-        if lock is not None:
-            lock.acquire()  # a closed pool's lock raises PoolClosedError here
-        try:
-            generations = self._generation
-            try:
-                live = generations[slot] == generation and slot >= 0  # -1 would alias the last slot
-            except (IndexError, TypeError):
-                live = False
-            if not live:
-                raise self._allocator._handle_error(slot, generation)
-            generations[slot] = -generation
-            self._free_slots.append(slot)
-        finally:
-            if lock is not None:
-                lock.release()
+        if kv_obj.__class__ is not KVObj and not isinstance(kv_obj, KVObj):
+            raise ForeignHandleError(f"free() takes a KVObj, got {type(kv_obj).__name__}")
+        if kv_obj.pool is not self:
+            raise self._foreign(kv_obj)
+        if wait_for is not None:
+            if not self._is_live(kv_obj.chunk_idx, kv_obj.generation):
+                raise self._allocator.handle_error(kv_obj.chunk_idx, kv_obj.generation)
+            wait_until_ready(wait_for)
+        self._release_one(kv_obj.chunk_idx, kv_obj.generation)
 
-    # -- beyond the seed ---------------------------------------------------------------------------
+    # -- beyond the LMCache v0 API -----------------------------------------------------------------
     def allocate_batch(self, kv_chunks: Sequence[Any]) -> KVBatch | None:
         """Allocate a slot for each chunk, all or nothing.
 
@@ -259,67 +200,70 @@ class LocalPool(BasePool):
             raise ChunkTypeError(f"allocate_batch takes a sequence of arrays, got {type(kv_chunks).__name__}")
         chunks = list(kv_chunks)
         if chunks and all(map(operator.is_, chunks, repeat(chunks[0]))):  # one chunk many times: check once
-            tokens = [self._tokens_of(chunks[0])] * len(chunks)
+            tokens = [self._checker.check_chunk(chunks[0])] * len(chunks)
         else:
             checked: dict[int, int] = {}  # id(chunk) -> tokens
             tokens = []
             for chunk in chunks:
                 n = checked.get(id(chunk))
                 if n is None:
-                    n = checked[id(chunk)] = self._tokens_of(chunk)
+                    n = checked[id(chunk)] = self._checker.check_chunk(chunk)
                 tokens.append(n)
-        self._check_open()
         taken = self._allocator.acquire_many(len(tokens))
         if taken is None:
             return None
         slots, first_ticket = taken
-        return KVBatch(self, slots, tokens, first_ticket, self.size_per_chunk)
-
-    def _handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
-        """Build the KVObj of a slot handed out with ``generation`` (used by :class:`KVBatch`)."""
-        if num_tokens == self.chunk_size:
-            view = self._full_views[slot]
-        else:
-            cached = self._partial_views[slot]
-            view = cached[1] if cached is not None and cached[0] == num_tokens else None
-        return KVObj(slot, self.size_per_chunk, view, num_tokens, self, generation)
+        return KVBatch(self, slots, tokens, first_ticket)
 
     def free_batch(self, kv_objs: Iterable[KVObj], *, wait_for: Any = None) -> None:
         """Free several KVObjs (or a whole :class:`KVBatch`); every handle is checked before any is
         freed, so an error frees none."""
-        if kv_objs.__class__ is KVBatch and kv_objs._pool is self and wait_for is None:  # type: ignore[attr-defined]
-            self._check_open()
-            self._allocator.release_many(kv_objs.chunk_idx, kv_objs.generations)  # type: ignore[attr-defined]
-            return
-        objs = list(kv_objs)
-        for obj in objs:
-            if obj.__class__ is not KVObj and not isinstance(obj, KVObj):
-                raise ForeignHandleError(f"free_batch() takes KVObjs, got a {type(obj).__name__}")
-            if obj._pool is not self:
-                raise self._foreign(obj)
-        self._check_open()
-        if wait_for is not None:
+        self._free_many(kv_objs, wait_for)
+
+    def _free_many(self, kv_objs: Iterable[KVObj], wait_for: Any) -> int:
+        """Free a batch or an iterable of KVObjs (all checked first); return how many were freed."""
+        if isinstance(kv_objs, KVBatch):
+            if kv_objs.pool is not self:
+                raise ForeignHandleError("free_batch() was given a KVBatch of another pool")
+            slots: Sequence[int] = kv_objs.chunk_idx
+            generations: Sequence[int] = kv_objs.generations
+        else:
+            if isinstance(kv_objs, (str, bytes)) or not isinstance(kv_objs, Iterable):
+                raise ForeignHandleError(f"free_batch() takes KVObjs, got {type(kv_objs).__name__}")
+            objs = list(kv_objs)
             for obj in objs:
-                self._check_live(obj)
+                if obj.__class__ is not KVObj and not isinstance(obj, KVObj):
+                    raise ForeignHandleError(f"free_batch() takes KVObjs, got a {type(obj).__name__}")
+                if obj.pool is not self:
+                    raise self._foreign(obj)
+            slots = [obj.chunk_idx for obj in objs]
+            generations = [obj.generation for obj in objs]
+        if wait_for is not None:
+            for slot, generation in zip(slots, generations, strict=True):
+                if not self._is_live(slot, generation):
+                    raise self._allocator.handle_error(slot, generation)
             wait_until_ready(wait_for)
-        self._allocator.release_many([obj.chunk_idx for obj in objs], [obj._generation for obj in objs])
+        self._allocator.release_many(slots, generations)
+        return len(slots)
 
     def put(self, kv_chunk: Any) -> KVObj | None:
         """Allocate a slot for ``kv_chunk`` and copy it in; None (nothing copied) when the pool is full.
 
-        ``kv_chunk`` may come from any framework and device. It is checked completely before a slot is
-        taken, so a bad chunk leaves the pool unchanged. Returns when the bytes are in the slot.
+        ``kv_chunk`` may come from any framework and device, or be any DLPack producer. It is checked
+        completely before a slot is taken, so a bad chunk leaves the pool unchanged. Returns when the
+        bytes are in the slot.
         """
-        num_tokens = self._tokens_of(kv_chunk)
-        check_array(kv_chunk, self.layout.view_shape(num_tokens), self.layout, "kv_chunk")
-        kv_obj = self.allocate(kv_chunk)
-        if kv_obj is not None:
-            try:
-                self._arena.copy_in(kv_obj.chunk_idx, num_tokens, kv_chunk)
-            except BaseException:
-                self.free(kv_obj)
-                raise
-        return kv_obj
+        framework, src, num_tokens = self._checker.source(kv_chunk, None, "kv_chunk")
+        taken = self._acquire_one()
+        if taken is None:
+            return None
+        slot, ticket = taken
+        try:
+            self._arena.copy_in(slot, num_tokens, src, framework)
+        except BaseException:
+            self._release_one(slot, ticket)
+            raise
+        return KVObj(slot, self.size_per_chunk, None, num_tokens, self, ticket)
 
     def stats(self) -> PoolStats:
         """Return a consistent snapshot of the pool's counters (see :class:`~lmcache.allocator.PoolStats`)."""
@@ -331,7 +275,8 @@ class LocalPool(BasePool):
 
         Row ``i`` is slot ``i``; a chunk of ``n`` tokens is its first ``n * layout.token_elems``
         elements, reshaped to ``layout.view_shape(n)``. Jitted JAX code can take the arena plus chunk
-        indices and gather inside ``jit`` (see :func:`lmcache_jax.gather_chunks`).
+        indices and gather inside ``jit`` (see :func:`lmcache_jax.gather_chunks`). Each access returns
+        an array object of your own (changing it does not change the pool's).
         """
         self._check_open()
         return self._arena.whole()
@@ -348,26 +293,23 @@ class LocalPool(BasePool):
 
     def slot_address(self, chunk_idx: int) -> int:
         """Address of slot ``chunk_idx`` (``base_address + chunk_idx * size_per_chunk``)."""
-        if not 0 <= chunk_idx < self.max_chunk_num:
-            raise ConfigError(f"chunk_idx must be in 0..{self.max_chunk_num - 1}, got {chunk_idx}")
+        if chunk_idx.__class__ is not int or not 0 <= chunk_idx < self.max_chunk_num:
+            raise ConfigError(f"chunk_idx must be an int in 0..{self.max_chunk_num - 1}, got {chunk_idx!r}")
         return self._arena.base_address + chunk_idx * self.size_per_chunk
 
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
-        return self._closed
+        return self._allocator.closed
 
     def close(self) -> None:
         """Stop handing out and taking back slots; release pinning. Outstanding views stay valid memory.
 
         Calls after ``close`` raise :class:`~lmcache.errors.PoolClosedError`; closing twice is a no-op.
         """
-        if self._closed:
+        if self._allocator.closed:
             return
-        self._closed = True
-        self._lock = _ClosedLock()
-        self._full_views = [None] * self.max_chunk_num
-        self._partial_views = [None] * self.max_chunk_num
+        self._allocator.close()
         self._arena.close()
 
     def __enter__(self) -> LocalPool:
@@ -376,138 +318,81 @@ class LocalPool(BasePool):
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise TypeError(
+            "a pool owns its arena's memory and cannot be pickled; build a pool in each process from the "
+            "same LMCacheMemPoolMetadata (which pickles), and move chunks as bytes (kv_obj.clone('numpy'))"
+        )
+
     def __repr__(self) -> str:
         return (
             f"{type(self).__name__}(backend={self.backend!r}, device={self.device!r}, "
             f"kv_shape={self.layout.kv_shape}, dtype={self.layout.dtype.name}, "
-            f"max_chunk_num={self.max_chunk_num}{', closed' if self._closed else ''})"
+            f"max_chunk_num={self.max_chunk_num}{', closed' if self.closed else ''})"
         )
 
-    # -- internals used by KVObj -------------------------------------------------------------------
+    # -- what handles need (ChunkOwner) ------------------------------------------------------------
+    def check_handle(self, slot: int, generation: int) -> None:
+        """Raise why the handle ``(slot, generation)`` does not own its slot; return if it does."""
+        if not self._is_live(slot, generation):
+            raise self._allocator.handle_error(slot, generation, freeing=False)
+
+    def handle_is_live(self, slot: int, generation: int) -> bool:
+        """Whether the handle ``(slot, generation)`` owns its slot now."""
+        return self._is_live(slot, generation)
+
+    def chunk_view(self, slot: int, num_tokens: int, framework: str | None) -> Any:
+        """Return a view of a chunk in ``framework`` (None: the pool's) that is the caller's alone."""
+        if framework is None or framework == self.backend:
+            return self._arena.view(slot, num_tokens)
+        return self._arena.export(slot, num_tokens, framework)
+
+    def chunk_producer(self, slot: int, num_tokens: int) -> Any:
+        """Return a DLPack producer of a chunk's memory."""
+        return self._arena.dlpack_producer(slot, num_tokens)
+
+    def chunk_copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
+        """Check ``src`` completely, then copy it into a chunk."""
+        framework, array, _ = self._checker.source(src, num_tokens, "copy_from source")
+        self._arena.copy_in(slot, num_tokens, array, framework)
+
+    def chunk_copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
+        """Check ``dst``, then copy a chunk into it."""
+        framework = self._checker.destination(dst, num_tokens)
+        self._arena.copy_out(slot, num_tokens, dst, framework)
+
+    def chunk_clone(self, slot: int, num_tokens: int, framework: str | None) -> Any:
+        """Return an owning copy of a chunk in ``framework`` (default: the pool's)."""
+        return self._arena.clone(slot, num_tokens, framework or self.backend)
+
+    def make_handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
+        """Build the KVObj of a slot handed out with ``generation`` (for :class:`KVBatch`)."""
+        return KVObj(slot, self.size_per_chunk, None, num_tokens, self, generation)
+
+    # -- internals ---------------------------------------------------------------------------------
     def _resolve_device(self, device: str | None) -> str:
         if device is None:
             return self.default_device
         if not isinstance(device, str) or not device:
             raise ConfigError(f"device must be 'cpu', 'gpu' or a name like 'cuda:0', got {device!r}")
+        if device.partition(":")[0].lower() == "cpu":  # "cpu:0" is host memory too
+            return "cpu"
         return device
 
-    def _tokens_of(self, kv_chunk: Any) -> int:
-        try:
-            shape = kv_chunk.shape
-        except AttributeError:
-            raise ChunkTypeError(
-                f"allocate() needs an array-like with .shape and .dtype, got {type(kv_chunk).__name__}"
-            ) from None
-        try:
-            num_tokens = shape[2]
-            valid = 0 < num_tokens <= self.chunk_size and shape == self._view_shapes[num_tokens]
-        except (TypeError, IndexError):
-            valid = False
-        if not valid:  # say what is wrong
-            try:
-                num_tokens = self.layout.tokens_of(tuple(shape))
-            except TypeError:
-                raise ChunkTypeError(f"kv_chunk.shape must be a tuple of ints, got {shape!r}") from None
-        dtype = getattr(kv_chunk, "dtype", None)
-        if dtype is not None and dtype not in self._ok_dtypes:
-            self._check_dtype(dtype)
-        return int(num_tokens)
-
-    def _check_dtype(self, dtype: Any) -> None:
-        try:
-            spec = normalize_dtype(dtype)
-        except ConfigError as exc:
-            raise ChunkShapeError(
-                f"kv_chunk has dtype {dtype!r}, the pool holds {self.layout.dtype.name}"
-            ) from exc
-        if spec is not self.layout.dtype:
-            raise ChunkShapeError(
-                f"kv_chunk has dtype {spec.name}, the pool holds {self.layout.dtype.name}; convert the "
-                "chunk or make a pool of that dtype"
-            )
-        with contextlib.suppress(TypeError):  # unhashable dtype objects are checked every time
-            self._ok_dtypes.add(dtype)
-        if self._fast_dtype is None:
-            self._fast_dtype = dtype
-
     def _foreign(self, kv_obj: KVObj) -> ForeignHandleError:
-        if kv_obj._pool is None:
+        if kv_obj.pool is None:
             return ForeignHandleError(
                 f"KVObj(chunk_idx={kv_obj.chunk_idx}) was built by hand; free only KVObjs that "
                 "this pool's allocate() returned"
             )
         return ForeignHandleError(
-            f"KVObj(chunk_idx={kv_obj.chunk_idx}) belongs to another pool ({kv_obj._pool!r}); "
+            f"KVObj(chunk_idx={kv_obj.chunk_idx}) belongs to another pool ({kv_obj.pool!r}); "
             "free it with the pool that allocated it"
         )
 
-    def _is_live(self, kv_obj: KVObj) -> bool:
-        return not self._closed and self._allocator.is_live(kv_obj.chunk_idx, kv_obj._generation)
-
     def _check_open(self) -> None:
-        if self._closed:
-            _closed()
-
-    def _check_live(self, kv_obj: KVObj) -> None:
-        slot = kv_obj.chunk_idx
-        # Fast path: tickets are unique and positive, so an equal generation means a live handle.
-        if (
-            slot.__class__ is int
-            and 0 <= slot < self.max_chunk_num
-            and not self._closed
-            and self._generation[slot] == kv_obj._generation
-        ):
-            return
-        self._check_open()
-        if not self._is_live(kv_obj):
-            raise self._allocator._handle_error(slot, kv_obj._generation)
-
-    def _native_view(self, kv_obj: KVObj) -> Any:
-        slot, num_tokens = kv_obj.chunk_idx, kv_obj.num_tokens
-        if num_tokens == self.chunk_size:
-            view = self._full_views[slot]
-            if view is None:
-                view = self._full_views[slot] = self._arena.view(slot, num_tokens)
-            return view
-        cached = self._partial_views[slot]
-        if cached is not None and cached[0] == num_tokens:
-            return cached[1]
-        view = self._arena.view(slot, num_tokens)
-        self._partial_views[slot] = (num_tokens, view)
-        return view
-
-    def _export(self, kv_obj: KVObj, framework: str) -> Any:
-        if framework == self.backend:
-            return kv_obj.data
-        views = getattr(kv_obj, "_views", None)
-        if views is None:
-            views = kv_obj._views = {}
-        view = views.get(framework)
-        if view is None:
-            view = views[framework] = self._arena.export(kv_obj.chunk_idx, kv_obj.num_tokens, framework)
-        return view
-
-    def _dlpack_producer(self, kv_obj: KVObj) -> Any:
-        return self._arena.dlpack_producer(kv_obj.chunk_idx, kv_obj.num_tokens)
-
-    def _copy_from(self, kv_obj: KVObj, src: Any) -> None:
-        num_tokens = kv_obj.num_tokens
-        check_array(src, self.layout.view_shape(num_tokens), self.layout, "copy_from source")
-        self._arena.copy_in(kv_obj.chunk_idx, num_tokens, src)
-
-    def _copy_to(self, kv_obj: KVObj, dst: Any) -> None:
-        num_tokens = kv_obj.num_tokens
-        check_array(dst, self.layout.view_shape(num_tokens), self.layout, "copy_to destination")
-        self._arena.copy_out(kv_obj.chunk_idx, num_tokens, dst)
-
-    def _clone(self, kv_obj: KVObj, framework: str | None) -> Any:
-        framework = framework or self.backend
-        if framework == "numpy":  # works for device memory too: the arena copies it out
-            layout = self.layout
-            dst = np.empty(layout.view_shape(kv_obj.num_tokens), dtype=layout.dtype.numpy_dtype)
-            self._arena.copy_out(kv_obj.chunk_idx, kv_obj.num_tokens, dst)
-            return dst
-        return load_adapter(framework).clone(self._export(kv_obj, framework))
+        if self._allocator.closed:
+            raise closed_error()
 
 
 def wait_until_ready(arrays: Any) -> None:
@@ -518,11 +403,9 @@ def wait_until_ready(arrays: Any) -> None:
     """
     items = arrays if isinstance(arrays, (list, tuple)) else (arrays,)
     for item in items:
-        ready = getattr(item, "block_until_ready", None)
-        if ready is not None:
-            ready()
-        elif getattr(item, "is_cuda", False):
-            load_adapter("torch").synchronize(item)  # type: ignore[attr-defined]
+        framework = detect_framework(item)
+        if framework is not None:
+            load_adapter(framework).wait(item)
 
 
 class LocalCPUPool(LocalPool):
@@ -585,32 +468,42 @@ class LocalCPUBufferPool(LocalCPUPool):
         """Take the options of :class:`LocalCPUPool` (``backend``, ``pin_memory``, ...)."""
         super().__init__(metadata, **options)
         self._slot_freed = threading.Condition(threading.Lock())
+        forksafe.register(self)
 
-    def allocate(self, kv_chunk: Any, timeout: float = 0.0) -> KVObj | None:
+    def allocate(self, kv_chunk: Any, timeout: float | None = 0.0) -> KVObj | None:
         """Allocate a slot for ``kv_chunk``, waiting up to ``timeout`` seconds for one to be freed.
+
+        Args:
+            kv_chunk: as for :meth:`LocalPool.allocate`.
+            timeout: seconds to wait; 0 does not wait; None or ``float("inf")`` waits until a slot is
+                freed or the pool is closed (as ``queue.Queue.get`` does).
 
         Returns:
             A KVObj viewing the slot, or None if no slot was free in time. This does not perform the
             actual memory movement.
         """
-        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0:
-            raise ConfigError(f"timeout must be a number of seconds >= 0, got {timeout!r}")
+        if timeout is not None and (
+            isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout >= 0
+        ):
+            raise ConfigError(f"timeout must be a number of seconds >= 0 or None, got {timeout!r}")
         if timeout == 0:
             return super().allocate(kv_chunk)
-        num_tokens = self._tokens_of(kv_chunk)
-        deadline = time.monotonic() + timeout
+        num_tokens = self._checker.check_chunk(kv_chunk)
+        deadline = None if timeout is None or math.isinf(timeout) else time.monotonic() + timeout
         allocator = self._allocator
         with self._slot_freed:
             while True:
-                self._check_open()
                 taken = allocator.acquire_many(1, count_failure=False)  # a wait that ends in a slot
                 if taken is not None:  # is no failure
-                    return self._handle(taken[0][0], num_tokens, taken[1])
+                    return self.make_handle(taken[0][0], num_tokens, taken[1])
+                if deadline is None:
+                    self._slot_freed.wait()
+                    continue
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     allocator.count_failure()
                     return None
-                self._slot_freed.wait(remaining)
+                self._slot_freed.wait(min(remaining, threading.TIMEOUT_MAX))
 
     def free(self, kv_obj: KVObj, *, wait_for: Any = None) -> None:
         """Free the slot of ``kv_obj`` and wake one waiting ``allocate``."""
@@ -619,17 +512,20 @@ class LocalCPUBufferPool(LocalCPUPool):
             self._slot_freed.notify()
 
     def free_batch(self, kv_objs: Iterable[KVObj], *, wait_for: Any = None) -> None:
-        """Free several KVObjs (all checked first) and wake as many waiters."""
-        objs = list(kv_objs)
-        super().free_batch(objs, wait_for=wait_for)
+        """Free several KVObjs or a :class:`KVBatch` (all checked first) and wake as many waiters."""
+        freed = self._free_many(kv_objs, wait_for)
         with self._slot_freed:
-            self._slot_freed.notify(len(objs))
+            self._slot_freed.notify(freed)
 
     def close(self) -> None:
         """Close the pool and wake every waiting ``allocate`` (they raise PoolClosedError)."""
         super().close()
         with self._slot_freed:
             self._slot_freed.notify_all()
+
+    def reset_locks_after_fork(self) -> None:
+        """Give a forked child a new condition variable (see :mod:`lmcache.forksafe`)."""
+        self._slot_freed = threading.Condition(threading.Lock())
 
 
 __all__ = ["LocalCPUBufferPool", "LocalCPUPool", "LocalGPUPool", "LocalPool", "wait_until_ready"]

@@ -1,0 +1,45 @@
+"""The remote tier: KV chunks shared through a Redis (or Valkey) server.
+
+- :mod:`lmcache.remote.format`, the value format: a 64-byte header (magic, format version, dtype, shape,
+  payload length, ``xxh3_64`` checksum over key, header and payload) followed by the chunk's bytes
+  exactly as they lie in its slot. A value that does not match is a miss, counted, never returned.
+- :mod:`lmcache.remote.tier`, :class:`RedisTier`: queued writes from a background thread, pipelined
+  reads, capped backoff, counters, and credentials kept out of every repr, log line and error message.
+- :mod:`lmcache.remote.replies`, :class:`FetchStream`: pipelined ``GET`` replies read from the socket
+  straight into pool slots.
+
+``ChunkCache(pool, remote=...)`` uses it to write through and read through (:mod:`lmcache.chunk_cache`).
+Importing this package imports neither ``redis`` nor ``xxhash``: a tier imports them when it is built.
+"""
+
+from lmcache.remote.format import (
+    FORMAT_VERSION,
+    HEADER,
+    MAGIC,
+    RemoteValueError,
+    byte_view,
+    check_header,
+    decode_value,
+    encode_header,
+    payload_bytes,
+    verify_checksum,
+)
+from lmcache.remote.replies import FetchStream
+from lmcache.remote.tier import RedisTier, RemoteStats, redact_url
+
+__all__ = [
+    "FORMAT_VERSION",
+    "HEADER",
+    "MAGIC",
+    "FetchStream",
+    "RedisTier",
+    "RemoteStats",
+    "RemoteValueError",
+    "byte_view",
+    "check_header",
+    "decode_value",
+    "encode_header",
+    "payload_bytes",
+    "redact_url",
+    "verify_checksum",
+]

@@ -1,0 +1,257 @@
+"""Reading the replies of pipelined commands from the tier's own connections, payloads into slots.
+
+redis-py's parser copies every reply through its buffers and returns ``bytes``; for a chunk that ends up
+in a pool slot anyway, :class:`FetchStream` reads the payload from the socket straight into the slot
+and checks it there (2-3x redis-py's ``GET`` throughput for 32 MiB chunks).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING, Any
+
+from lmcache.errors import ConfigError
+from lmcache.remote.format import (
+    HEADER,
+    RemoteValueError,
+    byte_view,
+    check_header,
+    payload_bytes,
+    verify_checksum,
+)
+
+if TYPE_CHECKING:
+    from lmcache.remote.tier import RedisTier
+
+logger = logging.getLogger("lmcache.remote")
+
+WRONG_TYPE = object()  # a reply for a key that holds another Redis type (a list, a hash ...)
+
+
+class FetchStream:
+    """The replies of one pipelined ``GET`` of several chunks, read in order, payloads into caller buffers.
+
+    For a key at ``index``, :meth:`hit` reads its reply up to the payload and says whether it is a value
+    of the expected dtype, shape and length; then :meth:`read_into` reads the payload straight from the
+    socket into a buffer of the caller's (a pool slot) and checks the checksum. Indices only go forward;
+    replies skipped over are read and dropped. The stream ends (every later call answers False) at the
+    first miss, rejected value or failure; the tier's counters count each. Closing a stream with replies
+    left unread closes its connection, so they can never answer another command.
+
+    Where redis-py exposes no socket (a future version), the replies are read with redis-py instead and
+    copied: the same results, one more copy.
+    """
+
+    def __init__(self, tier: RedisTier, keys: list[bytes], dtype: str, dims: list[tuple[int, ...]]) -> None:
+        self._tier = tier
+        self._keys = keys
+        self._dtype = dtype
+        self._dims = dims
+        self._index = -1  # the reply being read
+        self._consumed = 0  # replies read to their end
+        self._pending = 0  # bytes of the current reply not yet read (payload and CRLF)
+        self._header = bytearray(HEADER.size)
+        self._checksum = 0
+        self._done = not keys or not tier._ready()
+        self._conn: Any = None
+        self._reader: _ReplyReader | None = None
+        self._values: list[Any] | None = None  # the fallback: replies read by redis-py
+        self._read_errors = tier._read_errors
+        if self._done:
+            return
+        conn = tier._borrow()
+        try:
+            conn.connect()
+            sock = getattr(conn, "_sock", None)
+            if sock is None or not hasattr(sock, "recv_into"):
+                tier._give_back(conn)
+                self._values = tier._pipelined("GET", keys)
+                return
+            self._conn = conn
+            sock.sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k) for k in keys))
+            self._reader = _ReplyReader(sock)
+        except tier._redis_errors as exc:
+            self._fail(exc, conn)
+
+    def hit(self, index: int) -> bool:
+        """Read the reply for ``keys[index]`` up to its payload (dropping earlier unread replies).
+
+        Returns True when it is a value of this key's dtype, shape and length, whose payload
+        :meth:`read_into` reads next; False for a miss, a rejected value, a failure, or an index at or
+        before one already read (the stream then ends).
+        """
+        if self._done or not self._index < index < len(self._keys):
+            return self._end(None)
+        key, dims = self._keys[index], self._dims[index]
+        try:
+            if self._values is not None:
+                self._index = index
+                value = self._values[index]
+                if value is None or value is WRONG_TYPE or len(value) < HEADER.size:
+                    return self._end("misses" if value is None else "corrupt")
+                self._header[:] = value[: HEADER.size]
+                self._checksum = check_header(self._header, len(value), self._dtype, dims)
+                return True
+            while self._index < index:  # drop what is left of the current reply and of skipped ones
+                self._drop_rest()
+                self._index += 1
+                if self._index < index:
+                    skipped = self._read_length()
+                    if skipped < 0:  # a miss or another type: the line was the whole reply
+                        self._consumed += 1
+                    self._pending = skipped + 2 if skipped >= 0 else 0
+            length = self._read_length()
+            if length < 0:
+                self._consumed += 1
+                return self._end("misses" if length == -1 else "corrupt")
+            self._pending = length + 2
+            if length < HEADER.size:
+                raise RemoteValueError(
+                    f"value of {length} bytes is shorter than the {HEADER.size}-byte header"
+                )
+            self._read(memoryview(self._header))
+            self._checksum = check_header(self._header, length, self._dtype, dims)
+            return True
+        except RemoteValueError as exc:
+            logger.warning("remote value %s rejected: %s", key.decode("ascii", "replace"), exc)
+            return self._end("corrupt")
+        except self._read_errors as exc:
+            self._fail(exc, self._conn)
+            return False
+
+    def read_into(self, destination: Any) -> bool:
+        """Read the payload announced by :meth:`hit` into ``destination`` (a C-contiguous buffer of
+        exactly the chunk's bytes) and check its checksum; True when the bytes there are the chunk's.
+
+        On False the destination holds garbage: do not use it.
+        """
+        if self._done or self._index < 0:
+            return False
+        view = byte_view(destination)
+        key = self._keys[self._index]
+        if view.nbytes != payload_bytes(self._dtype, self._dims[self._index]):
+            raise ConfigError(f"destination has {view.nbytes} bytes; the chunk has a different size")
+        try:
+            if self._values is not None:
+                view[:] = memoryview(self._values[self._index]).cast("B")[HEADER.size :]
+            else:
+                self._read(view)
+                self._drop_rest()  # the reply's closing CRLF
+            verify_checksum(key, self._header, view, self._checksum)
+        except RemoteValueError as exc:
+            logger.warning("remote value %s rejected: %s", key.decode("ascii", "replace"), exc)
+            return self._end("corrupt")
+        except self._tier._redis_errors as exc:
+            self._fail(exc, self._conn)
+            return False
+        with self._tier._lock:
+            self._tier._counts["hits"] += 1
+        self._tier._succeeded()
+        return True
+
+    def close(self) -> None:
+        """End the stream: give the connection back, or close it if replies are left unread."""
+        self._done = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            if self._consumed < len(self._keys):
+                conn.disconnect()  # unread replies would answer the connection's next command
+            self._tier._give_back(conn)
+
+    def _read_length(self) -> int:
+        """Read a reply's first line: the bulk length, -1 for a miss, -2 for a value of another type."""
+        if self._reader is None:
+            raise ConnectionError("the stream has no connection")
+        line = self._reader.line()
+        if line in (b"$-1", b"_"):
+            return -1
+        if line.startswith(b"-WRONGTYPE"):
+            return -2
+        if not line.startswith(b"$"):
+            raise self._tier._protocol_error(f"unexpected reply {line[:40]!r} to GET")
+        return int(line[1:])
+
+    def _read(self, view: memoryview) -> None:
+        if self._reader is None:
+            raise ConnectionError("the stream has no connection")
+        self._reader.read_into(view)
+        self._pending -= view.nbytes
+
+    def _drop_rest(self) -> None:
+        """Read and drop the rest of the current reply (a payload not read, its CRLF)."""
+        if self._pending and self._reader is not None:
+            self._reader.skip(self._pending)
+            self._pending = 0
+            self._consumed += 1
+
+    def _end(self, counter: str | None) -> bool:
+        if counter is not None:
+            with self._tier._lock:
+                self._tier._counts[counter] += 1
+        if not self._done and counter != "corrupt":
+            self._tier._succeeded()
+        self.close()
+        return False
+
+    def _fail(self, exc: BaseException, conn: Any) -> None:
+        if conn is not None:
+            conn.disconnect()
+        self._tier._failed("GET", exc)
+        self.close()
+
+    def __enter__(self) -> FetchStream:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class _ReplyReader:
+    """Reads RESP replies from a socket: lines through a small buffer, payloads straight into buffers."""
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buffer = bytearray()
+
+    def line(self) -> bytes:
+        """The next CRLF-terminated line, without the CRLF."""
+        while True:
+            end = self._buffer.find(b"\r\n")
+            if end >= 0:
+                line = bytes(self._buffer[:end])
+                del self._buffer[: end + 2]
+                return line
+            self._receive()
+
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` exactly: first from what is buffered, then from the socket, without a copy."""
+        taken = min(len(self._buffer), view.nbytes)
+        view[:taken] = self._buffer[:taken]
+        del self._buffer[:taken]
+        while taken < view.nbytes:
+            got = self._sock.recv_into(view[taken:])
+            if not got:
+                raise ConnectionError("the server closed the connection mid-reply")
+            taken += got
+
+    def skip(self, count: int) -> None:
+        """Read and drop ``count`` bytes."""
+        scratch = memoryview(bytearray(min(count, 1 << 20)))
+        while count:
+            part = scratch[: min(count, scratch.nbytes)]
+            self.read_into(part)
+            count -= part.nbytes
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received and not yet read."""
+        return len(self._buffer)
+
+    def _receive(self) -> None:
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection mid-reply")
+        self._buffer += chunk
+
+
+__all__ = ["WRONG_TYPE", "FetchStream"]
