@@ -40,8 +40,15 @@ from typing import Any
 import numpy as np
 
 from lmcache.arena import host_array_of
+from lmcache.cache_keys import (
+    KEY_BYTES,
+    TokensTypeError,
+    TokensValueError,
+    id_bytes,
+    root_key,
+    token_ids,
+)
 from lmcache.checks import check_array
-from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
 from lmcache.paged import PagedRequest
 from lmcache.registry import framework_of, load_adapter
@@ -49,21 +56,8 @@ from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
-#: Bytes of a chunk key (a 128-bit blake2b digest).
-KEY_BYTES = 16
-_KEY_DOMAIN = b"lmcache-mempool/chunk-cache/v1\x00"
-_INT64_MAX = np.iinfo(np.int64).max
-_INT64_LE = np.dtype("<i8")
 _FRAMEWORKS = ("numpy", "torch", "jax")
 _OUTPUT_ALIGNMENT = 256  # JAX aliases host memory only at 64-byte aligned addresses
-
-
-class TokensTypeError(MemPoolError, TypeError):
-    """Tokens are not a 1-D sequence of integer ids (floats, strings, ``None``, a scalar, bools...)."""
-
-
-class TokensValueError(MemPoolError, ValueError):
-    """Tokens are integers but not a flat sequence of int64 ids (nested, ragged, out of int64 range)."""
 
 
 class CacheInvariantError(MemPoolError, RuntimeError):
@@ -109,71 +103,6 @@ class CacheStats:
     def hit_rate(self) -> float:
         """``hit_tokens / query_tokens`` (0.0 before any query)."""
         return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
-
-
-def token_ids(tokens: Any) -> np.ndarray:
-    """Return ``tokens`` as a contiguous little-endian int64 numpy array, checking that they are ids.
-
-    Accepts a list, tuple or ``range`` of ints, or a 1-D integer numpy, torch (any device) or JAX array.
-
-    Raises:
-        TokensTypeError: not a sequence of integers (floats, bools, strings, ``None``, a scalar).
-        TokensValueError: nested or ragged, or an id outside the int64 range.
-    """
-    if tokens is None or isinstance(tokens, (str, bytes, bytearray, int, float, complex, np.generic)):
-        raise TokensTypeError(
-            f"tokens must be a 1-D sequence of integer token ids (list, tuple, numpy, torch or JAX "
-            f"array), got a {type(tokens).__name__}"
-        )
-    if (type(tokens).__module__ or "").partition(".")[0] == "torch":
-        try:
-            tokens = tokens.detach().cpu().numpy()
-        except (TypeError, RuntimeError) as exc:  # bf16 and friends have no numpy type
-            raise TokensTypeError(f"tokens must be integer ids, got a tensor of {tokens.dtype}") from exc
-    try:
-        ids = np.asarray(tokens)
-    except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting and the like
-        raise TokensValueError(
-            f"tokens must be a flat sequence of integer ids; numpy could not read it ({exc})"
-        ) from exc
-    kind = ids.dtype.kind
-    if ids.shape == (0,):  # an empty list reads as float64: no ids is a valid (empty) prompt
-        return np.empty(0, dtype=_INT64_LE)
-    if kind not in "iu":
-        raise TokensTypeError(
-            f"tokens must be integer ids, got dtype {ids.dtype} (from a {type(tokens).__name__}); "
-            "floats, bools, strings, None and ids beyond int64 are not token ids"
-        )
-    if ids.ndim != 1:
-        raise TokensValueError(
-            f"tokens must be 1-D, got shape {ids.shape}; pass one prompt's ids (flatten a batch first)"
-        )
-    if kind == "u" and ids.dtype.itemsize == 8 and ids.size and int(ids.max()) > _INT64_MAX:
-        raise TokensValueError("token ids must fit in int64; got a uint64 id above 2**63 - 1")
-    return np.ascontiguousarray(ids, dtype=_INT64_LE)
-
-
-def _id_bytes(ids: np.ndarray) -> memoryview:
-    """The bytes of a contiguous little-endian int64 array, without a copy where the host allows."""
-    try:
-        return ids.data.cast("B")
-    except (TypeError, ValueError):  # a non-native byte order (big-endian host): copy the bytes out
-        return memoryview(ids.tobytes())
-
-
-def _numpy_of_cpu_tensor(tensor: Any, spec: DTypeSpec) -> np.ndarray | None:
-    """A numpy view (no copy) of a CPU torch tensor of ``spec``, through its bits; None on a GPU.
-
-    The cache copies host chunks with numpy: one copy loop for every framework, single-threaded, so
-    that its bandwidth does not depend on torch's thread pool (which slows down on a busy machine).
-    """
-    if tensor.device.type != "cpu":
-        return None
-    import torch
-
-    bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32}[spec.itemsize]
-    array: np.ndarray = tensor.detach().view(bits).numpy().view(spec.numpy_dtype)
-    return array
 
 
 class _Entry:
@@ -311,7 +240,7 @@ class ChunkCache:
         self.pool = pool
         #: The string every key is seeded with.
         self.namespace = namespace
-        self._root = blake2b(_KEY_DOMAIN + namespace.encode("utf-8"), digest_size=KEY_BYTES).digest()
+        self._root = root_key(namespace)
         self._layout = pool.layout
         self._chunk_size = pool.chunk_size
         self._host = pool.device == "cpu"
@@ -349,7 +278,7 @@ class ChunkCache:
 
     def _iter_keys(self, ids: np.ndarray) -> Iterator[bytes]:
         """Yield the chunk keys of ``ids`` lazily (a miss stops the caller early, sparing the hashing)."""
-        data = _id_bytes(ids)
+        data = id_bytes(ids)
         step = self._chunk_size * 8
         key = self._root
         for offset in range(0, len(data), step):
@@ -363,7 +292,7 @@ class ChunkCache:
         in its slot. Hashes lazily, so a miss costs one chunk's hash (the loop is ``_iter_keys`` inlined:
         this is ``lookup``'s whole cost).
         """
-        data = _id_bytes(ids)
+        data = id_bytes(ids)
         step = self._chunk_size * 8
         entries = self._entries
         key = self._root
@@ -604,9 +533,10 @@ class ChunkCache:
             )
         framework = check_array(kv, layout.view_shape(num_tokens), layout, "kv")
         if framework == "torch" and self._host:
-            host = _numpy_of_cpu_tensor(kv, layout.dtype)
-            return kv if host is None else host
-        if framework == "dlpack" or (framework == "jax" and self._host):
+            # Host copies go through numpy: one copy loop for every framework, single-threaded, so the
+            # bandwidth does not depend on torch's thread pool (which slows down on a busy machine).
+            return host_array_of(kv, framework) if kv.device.type == "cpu" else kv
+        if framework == "jax" and self._host:
             return host_array_of(kv, framework)  # JAX on the CPU: a view, not a copy
         return kv
 
@@ -679,7 +609,11 @@ class ChunkCache:
                 return None, 0
             if out is not None:
                 result = out
-                host = None if isinstance(out, np.ndarray) else _numpy_of_cpu_tensor(out, self._layout.dtype)
+                host = (
+                    None
+                    if isinstance(out, np.ndarray) or out.device.type != "cpu"
+                    else host_array_of(out, "torch")
+                )
                 if self._host and host is not None:  # a CPU tensor: write through numpy
                     out = host
                 for start, entry in self._spans(chain):

@@ -1,0 +1,89 @@
+"""Chunk keys: which token ids a prompt holds, and the key that names each chunk's whole prefix.
+
+``key_i = blake2b(ids of chunk i as little-endian int64, key=key_{i-1}, digest_size=16)`` with
+``key_{-1} = blake2b(domain + namespace)``. Keys are the same in every process, on every machine, under
+any ``PYTHONHASHSEED`` and for every array type holding the same ids (Python's ``hash`` is none of these;
+LMCache issues #1139 and #2979).
+"""
+
+from __future__ import annotations
+
+from hashlib import blake2b
+from typing import Any
+
+import numpy as np
+
+from lmcache.errors import MemPoolError
+from lmcache.registry import detect_framework
+
+#: Bytes of a chunk key (a 128-bit blake2b digest).
+KEY_BYTES = 16
+_KEY_DOMAIN = b"lmcache-mempool/chunk-cache/v1\x00"
+_INT64_MAX = np.iinfo(np.int64).max
+_INT64_LE = np.dtype("<i8")
+
+
+class TokensTypeError(MemPoolError, TypeError):
+    """Tokens are not a 1-D sequence of integer ids (floats, strings, ``None``, a scalar, bools...)."""
+
+
+class TokensValueError(MemPoolError, ValueError):
+    """Tokens are integers but not a flat sequence of int64 ids (nested, ragged, out of int64 range)."""
+
+
+def root_key(namespace: str) -> bytes:
+    """The key before a prompt's first chunk: a digest of the namespace (models, dtypes, TP ranks)."""
+    return blake2b(_KEY_DOMAIN + namespace.encode("utf-8"), digest_size=KEY_BYTES).digest()
+
+
+def token_ids(tokens: Any) -> np.ndarray:
+    """Return ``tokens`` as a contiguous little-endian int64 numpy array, checking that they are ids.
+
+    Accepts a list, tuple or ``range`` of ints, or a 1-D integer numpy, torch (any device) or JAX array.
+
+    Raises:
+        TokensTypeError: not a sequence of integers (floats, bools, strings, ``None``, a scalar).
+        TokensValueError: nested or ragged, or an id outside the int64 range.
+    """
+    if tokens is None or isinstance(tokens, (str, bytes, bytearray, int, float, complex, np.generic)):
+        raise TokensTypeError(
+            f"tokens must be a 1-D sequence of integer token ids (list, tuple, numpy, torch or JAX "
+            f"array), got a {type(tokens).__name__}"
+        )
+    if detect_framework(tokens) == "torch":
+        try:
+            tokens = tokens.detach().cpu().numpy()
+        except (TypeError, RuntimeError) as exc:  # bf16 and friends have no numpy type
+            raise TokensTypeError(f"tokens must be integer ids, got a tensor of {tokens.dtype}") from exc
+    try:
+        ids = np.asarray(tokens)
+    except (ValueError, TypeError, OverflowError) as exc:  # ragged nesting and the like
+        raise TokensValueError(
+            f"tokens must be a flat sequence of integer ids; numpy could not read it ({exc})"
+        ) from exc
+    kind = ids.dtype.kind
+    if ids.shape == (0,):  # an empty list reads as float64: no ids is a valid (empty) prompt
+        return np.empty(0, dtype=_INT64_LE)
+    if kind not in "iu":
+        raise TokensTypeError(
+            f"tokens must be integer ids, got dtype {ids.dtype} (from a {type(tokens).__name__}); "
+            "floats, bools, strings, None and ids beyond int64 are not token ids"
+        )
+    if ids.ndim != 1:
+        raise TokensValueError(
+            f"tokens must be 1-D, got shape {ids.shape}; pass one prompt's ids (flatten a batch first)"
+        )
+    if kind == "u" and ids.dtype.itemsize == 8 and ids.size and int(ids.max()) > _INT64_MAX:
+        raise TokensValueError("token ids must fit in int64; got a uint64 id above 2**63 - 1")
+    return np.ascontiguousarray(ids, dtype=_INT64_LE)
+
+
+def id_bytes(ids: np.ndarray) -> memoryview:
+    """The bytes of a contiguous little-endian int64 array, without a copy where the host allows."""
+    try:
+        return ids.data.cast("B")
+    except (TypeError, ValueError):  # a non-native byte order (big-endian host): copy the bytes out
+        return memoryview(ids.tobytes())
+
+
+__all__ = ["KEY_BYTES", "TokensTypeError", "TokensValueError", "id_bytes", "root_key", "token_ids"]
