@@ -151,23 +151,29 @@ class Lease:
     from a released lease must not be read.
     """
 
-    __slots__ = ("_cache", "_chain", "_released", "chunks", "num_tokens")
+    __slots__ = ("_chain", "_flip", "_on_release", "chunks", "num_tokens")
 
-    def __init__(self, cache: ChunkCache, chain: list[_Entry]) -> None:
-        self._cache = cache
-        self._chain = chain
-        self._released = False
+    def __init__(self, chain: list[_Entry], on_release: Callable[[list[_Entry]], None]) -> None:
+        """Hold ``chain`` (pinned by the cache); ``on_release(chain)`` unpins it, once."""
+        self._chain: list[_Entry] | None = chain
+        self._on_release = on_release
+        self._flip = threading.Lock()  # release() from two threads: exactly one unpins
         self.chunks: list[KVObj] = [entry.obj for entry in chain]
         self.num_tokens: int = sum(entry.num_tokens for entry in chain)
 
     @property
     def released(self) -> bool:
         """Whether :meth:`release` was called."""
-        return self._released
+        return self._chain is None
 
     def release(self) -> None:
         """Unpin the chunks and mark them recently used; calling it again does nothing."""
-        self._cache._release_lease(self)
+        with self._flip:
+            chain, self._chain = self._chain, None
+            if chain is None:
+                return
+            self.chunks = []  # their slots may hold other chunks from now on
+        self._on_release(chain)
 
     def __enter__(self) -> Lease:
         return self
@@ -176,7 +182,7 @@ class Lease:
         self.release()
 
     def __repr__(self) -> str:
-        state = "released" if self._released else "held"
+        state = "released" if self._chain is None else "held"
         return f"Lease({len(self.chunks)} chunks, {self.num_tokens} tokens, {state})"
 
 
@@ -632,7 +638,7 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         self._pull(ids, None)
-        return Lease(self, self._pin_prefix(ids, None, lease=True))
+        return Lease(self._pin_prefix(ids, None, lease=True), self._release_chain)
 
     def _pin_prefix(
         self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
@@ -666,17 +672,14 @@ class ChunkCache:
             self._query_tokens += len(ids)
         return chain
 
-    def _release_lease(self, lease: Lease) -> None:
+    def _release_chain(self, chain: list[_Entry]) -> None:
+        """Take back one lease of each chunk of ``chain`` (a :class:`Lease` calls this once)."""
         with self._lock:
-            if lease._released:
-                return
-            lease._released = True
-            lease.chunks = []  # their slots may hold other chunks from now on
-            for entry in lease._chain:
+            for entry in chain:
                 entry.leases -= 1
                 if entry.leases == 0:
                     self._leased -= 1
-            self._unpin(lease._chain)
+            self._unpin(chain)
 
     def _check_framework(self, framework: str | None) -> str:
         if framework is None:
