@@ -50,7 +50,7 @@ from lmcache.cache_keys import (
 )
 from lmcache.checks import check_array
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
-from lmcache.paged import PagedRequest
+from lmcache.paged import PagedRequest, check_distinct_layers
 from lmcache.registry import framework_of, load_adapter
 from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
@@ -440,6 +440,7 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
+        check_distinct_layers(kv_caches)
         self._pull(ids, request.coverable_tokens(len(ids)))
         chain = self._pin_prefix(ids, None, lease=False, check=request.check_table)
         try:
