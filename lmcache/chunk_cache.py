@@ -508,15 +508,16 @@ class ChunkCache:
                     if entry is not None:  # another thread stored the same chunk meanwhile
                         self.pool.free(obj)
                         self._pin(entry)
+                        chain.append(entry)
                     else:
                         entry = _Entry(key, obj, chain[-1] if chain else None, num_tokens)
                         entry.pins = 1
                         if entry.parent is not None:
                             entry.parent.children += 1
+                        new.append(entry)
+                        chain.append(entry)  # in the chain (so unpinned) before it is published
                         entries[key] = entry
                         self._stored += 1
-                        new.append(entry)
-                    chain.append(entry)
         finally:
             with lock:
                 if new and write_through and self.remote is not None:
@@ -795,10 +796,16 @@ class ChunkCache:
                     self._unpin(hold)
 
         dtype = self._layout.dtype.name
-        for entry in new:
-            obj = entry.obj
-            payload = obj.as_numpy() if self._host else obj.clone("numpy")  # device slots: a host copy
-            tier.submit(tier.key(self.namespace, entry.key), payload, dtype, payload.shape, on_done)
+        submitted = 0
+        try:
+            for entry in new:
+                obj = entry.obj
+                payload = obj.as_numpy() if self._host else obj.clone("numpy")  # device slots: a host copy
+                tier.submit(tier.key(self.namespace, entry.key), payload, dtype, payload.shape, on_done)
+                submitted += 1
+        finally:
+            for _ in range(len(new) - submitted):  # never submitted (an error mid-loop): not pending
+                on_done(False)
 
     def _pull(self, ids: np.ndarray, limit: int | None) -> None:
         """Fetch the chunks that follow the local prefix of ``ids`` from the remote tier into local slots.
