@@ -131,7 +131,7 @@ def bench_alloc_free(backend: str, opts: Options) -> list[Result]:
                     1 / best[mode],
                     "ops/s",
                     1 / best["naive"],
-                    f"{BASELINE_NAME} ({naive_backend})",
+                    f"{BASELINE_NAME}, {naive_backend}",
                     best["naive"] / best[mode],
                     target if has_target and mode == "safe" else None,
                     "each allocate makes the owner's own view (torch: detached alias)"
@@ -346,6 +346,7 @@ def _churn(pool: Any, chunk: Any, live: list[Any], picks: list[int]) -> float:
 
 
 def _rss_bytes() -> int:
+    """The process's resident memory in bytes (Linux); 0 where /proc is not there."""
     try:
         with open("/proc/self/statm", encoding="ascii") as statm:
             return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
