@@ -72,3 +72,36 @@ def test_numpy_copyto_32mib(benchmark: Any) -> None:
     src = common.filled("numpy", SHAPE, "bfloat16")
     dst = np.empty_like(src)
     benchmark(np.copyto, dst, src)
+
+
+# -- the rows themselves (plain tests: they run with --benchmark-disable too) ------------------------
+def test_bookkeeping_rows_orient_the_bound_as_higher_is_better() -> None:
+    from lmcache.bench.pool import BOOKKEEPING_TARGET, bench_construction
+
+    opts = bench.Options(big_pool_gib=1 / 16, progress=None)  # 4096 slots of 16 KiB, 2 of 32 MiB
+    rows = {r.metric: r for r in bench_construction("numpy", opts)}
+    small = rows["bookkeeping per slot, 0.0625 GiB pool, 16 KiB chunks"]
+    default = rows["bookkeeping per slot, 0.0625 GiB pool, default chunks"]
+    assert small.unit == "B/slot"
+    assert small.value > 0
+    assert small.ratio == BOOKKEEPING_TARGET / small.value
+    assert small.target == 1.0
+    assert small.meets_target == (small.value <= BOOKKEEPING_TARGET)
+    assert default.target is None
+    assert default.meets_target is None
+    assert "no target" in default.note
+
+
+def test_copy_rows_include_copy_to_against_copyto() -> None:
+    from lmcache.bench.pool import bench_copy
+
+    rows = bench_copy("numpy", bench.Options(repeat=1, pool_gib=0.1, progress=None))
+    assert [r.metric.split()[0] for r in rows] == ["copy_from", "put", "copy_to"]
+    assert all(r.baseline_name == "numpy.copyto" and r.target == 0.9 for r in rows)
+
+
+def test_benchmark_error_is_a_pool_error_and_a_runtime_error() -> None:
+    from lmcache.errors import BenchmarkError, MemPoolError
+
+    assert issubclass(BenchmarkError, MemPoolError)
+    assert issubclass(BenchmarkError, RuntimeError)
