@@ -57,8 +57,14 @@ class BackendUnavailableError(MemPoolError, ImportError):
     """The backend's framework is not installed; the message names the extra to install."""
 
 
+class BenchmarkError(MemPoolError, RuntimeError):
+    """A benchmark of ``python -m lmcache bench`` could not measure what it claims to (a pool too small
+    for its chunk, a cache that lost chunks, a server that did not start); the message says which."""
+
+
 __all__ = [
     "BackendUnavailableError",
+    "BenchmarkError",
     "ChunkShapeError",
     "ChunkTypeError",
     "ConfigError",
