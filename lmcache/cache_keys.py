@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from lmcache.errors import MemPoolError
+from lmcache.errors import TokensTypeError, TokensValueError
 from lmcache.registry import detect_framework
 
 #: Bytes of a chunk key (a 128-bit blake2b digest).
@@ -21,14 +21,6 @@ KEY_BYTES = 16
 _KEY_DOMAIN = b"lmcache-mempool/chunk-cache/v1\x00"
 _INT64_MAX = np.iinfo(np.int64).max
 _INT64_LE = np.dtype("<i8")
-
-
-class TokensTypeError(MemPoolError, TypeError):
-    """Tokens are not a 1-D sequence of integer ids (floats, strings, ``None``, a scalar, bools...)."""
-
-
-class TokensValueError(MemPoolError, ValueError):
-    """Tokens are integers but not a flat sequence of int64 ids (nested, ragged, out of int64 range)."""
 
 
 def root_key(namespace: str) -> bytes:

@@ -49,7 +49,7 @@ from lmcache.cache_keys import (
     token_ids,
 )
 from lmcache.checks import check_array
-from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
+from lmcache.errors import CacheInvariantError, ChunkShapeError, ChunkTypeError, ConfigError
 from lmcache.paged import PagedRequest, check_distinct_layers
 from lmcache.registry import framework_of, load_adapter
 from lmcache.remote import FetchStream, RedisTier
@@ -58,10 +58,6 @@ from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
 _FRAMEWORKS = ("numpy", "torch", "jax")
 _OUTPUT_ALIGNMENT = 256  # JAX aliases host memory only at 64-byte aligned addresses
-
-
-class CacheInvariantError(MemPoolError, RuntimeError):
-    """The cache found its own bookkeeping inconsistent (a bug: please report it)."""
 
 
 @dataclass(frozen=True)

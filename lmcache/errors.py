@@ -57,6 +57,26 @@ class BackendUnavailableError(MemPoolError, ImportError):
     """The backend's framework is not installed; the message names the extra to install."""
 
 
+class DeviceCopyError(MemPoolError, RuntimeError):
+    """A copy into or out of device memory failed in the device runtime (the message has its error)."""
+
+
+class NotPicklableError(MemPoolError, TypeError):
+    """A handle or pool was pickled or copied: that would make a second owner of the same memory."""
+
+
+class TokensTypeError(MemPoolError, TypeError):
+    """Tokens are not a 1-D sequence of integer ids (floats, strings, ``None``, a scalar, bools...)."""
+
+
+class TokensValueError(MemPoolError, ValueError):
+    """Tokens are integers but not a flat sequence of int64 ids (nested, ragged, out of int64 range)."""
+
+
+class CacheInvariantError(MemPoolError, RuntimeError):
+    """The chunk cache found its own bookkeeping inconsistent (a bug: please report it)."""
+
+
 class BenchmarkError(MemPoolError, RuntimeError):
     """A benchmark of ``python -m lmcache bench`` could not measure what it claims to (a pool too small
     for its chunk, a cache that lost chunks, a server that did not start); the message says which."""
@@ -65,15 +85,20 @@ class BenchmarkError(MemPoolError, RuntimeError):
 __all__ = [
     "BackendUnavailableError",
     "BenchmarkError",
+    "CacheInvariantError",
     "ChunkShapeError",
     "ChunkTypeError",
     "ConfigError",
+    "DeviceCopyError",
     "DeviceUnavailableError",
     "DoubleFreeError",
     "ForeignHandleError",
     "InvalidHandleError",
     "MemPoolError",
+    "NotPicklableError",
     "PoolClosedError",
     "PoolTooLargeError",
     "StaleHandleError",
+    "TokensTypeError",
+    "TokensValueError",
 ]

@@ -30,7 +30,13 @@ import numpy as np
 from lmcache.arena import HostArena, clone_from_device
 from lmcache.dlpack import DLPackView
 from lmcache.dtypes import DTypeSpec
-from lmcache.errors import ChunkTypeError, ConfigError, DeviceUnavailableError, PoolTooLargeError
+from lmcache.errors import (
+    ChunkTypeError,
+    ConfigError,
+    DeviceCopyError,
+    DeviceUnavailableError,
+    PoolTooLargeError,
+)
 from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
 from lmcache.registry import load_adapter
@@ -143,7 +149,7 @@ class _CudaRuntime:
         if err == 0:
             err = lib.cudaDeviceSynchronize()  # device-to-device copies return before they finish
         if err != 0:
-            raise RuntimeError(f"cudaMemcpy of {nbytes} bytes failed with CUDA error {err}")
+            raise DeviceCopyError(f"cudaMemcpy of {nbytes} bytes failed with CUDA error {err}")
 
 
 class JaxGPUArena:

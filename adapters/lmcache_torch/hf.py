@@ -30,7 +30,7 @@ import torch
 from torch.utils.dlpack import from_dlpack
 
 from lmcache.chunk_cache import ChunkCache
-from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
+from lmcache.errors import BackendUnavailableError, ChunkShapeError, ChunkTypeError, ConfigError
 
 #: The tiny model's shape: 4 layers, 4 query heads sharing 2 KV heads (GQA), head size 64, an MLP of
 #: Llama-3's proportions. Random weights: its tokens mean nothing, its arithmetic is a Llama's.
@@ -55,7 +55,9 @@ def _transformers() -> Any:
     try:
         return importlib.import_module("transformers")
     except ImportError as exc:
-        raise ImportError("lmcache_torch.hf needs transformers: pip install 'lmcache-mempool[hf]'") from exc
+        raise BackendUnavailableError(
+            "lmcache_torch.hf needs transformers: pip install 'lmcache-mempool[hf]'"
+        ) from exc
 
 
 def tiny_llama(

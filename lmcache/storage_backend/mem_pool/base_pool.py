@@ -48,7 +48,9 @@ class ChunkOwner(Protocol):
 
 
 def _refuse_pickle(what: str) -> NoReturn:
-    raise TypeError(
+    from lmcache.errors import NotPicklableError
+
+    raise NotPicklableError(
         f"a {what} is a handle to pool memory and cannot be pickled or copied: a copy would be a second "
         "owner of the slot. Send the bytes instead (kv_obj.clone('numpy')), or share the pool's memory "
         "(pool.base_address, pool.slot_address(i))"

@@ -15,7 +15,7 @@ from lmcache.allocator import ChunkAllocator, PoolStats, closed_error
 from lmcache.arena import Arena
 from lmcache.checks import ChunkChecker
 from lmcache.config import LMCacheMemPoolMetadata
-from lmcache.errors import ChunkTypeError, ConfigError, ForeignHandleError
+from lmcache.errors import ChunkTypeError, ConfigError, ForeignHandleError, NotPicklableError
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
 from lmcache.registry import detect_framework, load_adapter, resolve_backend
 from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
@@ -319,7 +319,7 @@ class LocalPool(BasePool):
         self.close()
 
     def __reduce_ex__(self, protocol: Any) -> Any:
-        raise TypeError(
+        raise NotPicklableError(
             "a pool owns its arena's memory and cannot be pickled; build a pool in each process from the "
             "same LMCacheMemPoolMetadata (which pickles), and move chunks as bytes (kv_obj.clone('numpy'))"
         )
