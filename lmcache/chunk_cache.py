@@ -730,16 +730,8 @@ class ChunkCache:
         shape = layout.view_shape(num_tokens)
         if not self._host and framework != "numpy":
             views = [getattr(entry.obj, f"as_{framework}")() for entry in chain]
-            if framework == "jax":
-                import jax.numpy as jnp
-
-                return jnp.concatenate(views, axis=2).block_until_ready()
-            import torch
-
-            result = torch.cat(views, dim=2)
-            if result.is_cuda:  # the slots are unpinned on return: the copy must be done by then
-                torch.cuda.current_stream(result.device).synchronize()
-            return result
+            # Done on return: the slots are unpinned then.
+            return load_adapter(framework).concat_tokens(views)
         spec = layout.dtype
         nbytes = layout.num_elems(num_tokens) * spec.itemsize
         raw = np.empty(nbytes + _OUTPUT_ALIGNMENT, dtype=np.uint8)

@@ -55,6 +55,10 @@ class NumpyAdapter:
     def wait(self, array: Any) -> None:
         """numpy work is never pending."""
 
+    def concat_tokens(self, arrays: list[Any]) -> np.ndarray:
+        """``np.concatenate`` on the token axis."""
+        return np.concatenate(arrays, axis=2)
+
     def to_host(self, array: Any) -> np.ndarray:
         """A numpy array is host memory already."""
         return np.asarray(array)

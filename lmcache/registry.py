@@ -78,6 +78,10 @@ class FrameworkAdapter(Protocol):
         """Block until pending work that computes ``array`` has finished."""
         ...
 
+    def concat_tokens(self, arrays: list[Any]) -> Any:
+        """Concatenate ``(L, 2, n_i, H, D)`` arrays on the token axis into a new array, computed on return."""
+        ...
+
     def to_host(self, array: Any) -> np.ndarray:
         """Return the array's values as numpy: a view of host memory, else a host copy (waits first)."""
         ...

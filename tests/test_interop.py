@@ -145,3 +145,15 @@ def test_attention_end_to_end_torch_to_jax_and_back() -> None:
             want = np.asarray(jax_attention(k, v))
             got = torch_attention(as_torch[layer, 0].transpose(0, 1), as_torch[layer, 1].transpose(0, 1))
             np.testing.assert_allclose(got.numpy(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_each_adapter_concatenates_chunks_on_the_token_axis(backend: str) -> None:
+    """The adapter contract's concat_tokens (the chunk cache's device retrieve): bit-exact, axis 2."""
+    from kvtest import random_bits, require, to_host, to_native
+    from lmcache.registry import load_adapter
+
+    require(backend)
+    whole = random_bits((2, 2, 10, 2, 8), "bfloat16", seed=3)
+    parts = [to_native(whole[:, :, :4], backend), to_native(whole[:, :, 4:], backend)]
+    joined = load_adapter(backend).concat_tokens(parts)
+    assert to_host(joined).view("u2").tobytes() == whole.view("u2").tobytes()

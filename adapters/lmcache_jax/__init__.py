@@ -360,6 +360,11 @@ class JaxAdapter:
         """Block until the array is computed."""
         array.block_until_ready()
 
+    def concat_tokens(self, arrays: list[Any]) -> jax.Array:
+        """``jnp.concatenate`` on the token axis, waited for."""
+        result: jax.Array = jnp.concatenate(arrays, axis=2).block_until_ready()
+        return result
+
     def to_host(self, array: Any) -> np.ndarray:
         """``np.asarray``: waits, aliases CPU arrays, copies GPU arrays to the host."""
         return np.asarray(array)

@@ -331,6 +331,13 @@ class TorchAdapter:
         if dst.is_cuda:
             torch.cuda.current_stream(dst.device).synchronize()
 
+    def concat_tokens(self, arrays: list[Any]) -> torch.Tensor:
+        """``torch.cat`` on the token axis; on a GPU, synchronized so the copy is done on return."""
+        result = torch.cat(arrays, dim=2)
+        if result.is_cuda:
+            torch.cuda.current_stream(result.device).synchronize()
+        return result
+
     def to_host(self, array: Any) -> np.ndarray:
         """A numpy view of a CPU tensor's memory (through its bits, so bf16 / fp8 work), else a host copy."""
         tensor = array.detach()
