@@ -11,7 +11,7 @@ token (TTFT) is everything from the prompt to its first output token:
 Both for torch (``lmcache_torch.hf``, a ``transformers`` Llama, prefix copied out with ``retrieve``) and
 for JAX (``lmcache_jax.llama``, the same weights, prefix read through zero-copy views of a JAX pool).
 The model is the tiny Llama of the tests (4 layers, GQA 4/2 heads of 64, fp32; random weights). The
-issue 13's target: with 75% cached, TTFT <= 0.4x of a full prefill, reported as a speedup >= 2.5x.
+target set in issue 13: with 75% cached, TTFT <= 0.4x of a full prefill, reported as a speedup >= 2.5x.
 torch is timed on one intra-op thread (see the comment in :func:`bench_serving`); JAX with its defaults.
 
 torch, JAX and ``transformers`` are imported only when the section runs; without ``transformers`` (or
