@@ -57,6 +57,11 @@ class BackendUnavailableError(MemPoolError, ImportError):
     """The backend's framework is not installed; the message names the extra to install."""
 
 
+class RemoteValueError(MemPoolError, ValueError):
+    """A value read from the remote tier does not match what the reader expects (format, dtype, shape,
+    length, checksum); :mod:`lmcache.remote` counts it as corrupt and never returns it."""
+
+
 __all__ = [
     "BackendUnavailableError",
     "ChunkShapeError",
@@ -69,5 +74,6 @@ __all__ = [
     "MemPoolError",
     "PoolClosedError",
     "PoolTooLargeError",
+    "RemoteValueError",
     "StaleHandleError",
 ]

@@ -400,7 +400,7 @@ def test_rediss_passes_tls_to_the_client() -> None:
     require_redis()
     tier = remote.RedisTier(f"rediss://{HOST}:{free_port()}/0", client_options={"ssl_cert_reqs": "none"})
     try:
-        assert tier._client.connection_pool.connection_class.__name__ == "SSLConnection"
+        assert tier.client.connection_pool.connection_class.__name__ == "SSLConnection"
     finally:
         tier.close()
 
@@ -635,8 +635,8 @@ def test_stream_falls_back_to_redis_py_without_a_socket(
             def disconnect(self) -> None:
                 pass
 
-        monkeypatch.setattr(tier, "_borrow", NoSocket)
-        monkeypatch.setattr(tier, "_give_back", lambda conn: None)
+        monkeypatch.setattr(tier, "borrow", NoSocket)
+        monkeypatch.setattr(tier, "give_back", lambda conn: None)
         keys, shapes = [b"f0", b"f1", b"f2"], [chunks[0].shape, chunks[1].shape, SHAPE]
         with tier.stream(keys, "float16", shapes) as replies:
             assert replies.hit(1)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from lmcache.dtypes import KV_DTYPES
-from lmcache.errors import BackendUnavailableError, ConfigError, MemPoolError
+from lmcache.errors import BackendUnavailableError, ConfigError, RemoteValueError
 
 #: The first bytes of every value this module writes.
 MAGIC = b"LMKV"
@@ -28,10 +28,6 @@ HEADER = struct.Struct("<4sHHQQ16s5I4x")
 _CHECKSUM_OFFSET = 16  # byte offset of the checksum field in HEADER
 
 _EXTRA_HINT = "pip install 'lmcache-mempool[redis]'"
-
-
-class RemoteValueError(MemPoolError, ValueError):
-    """A stored value does not match what the reader expects (format, dtype, shape, length, checksum)."""
 
 
 def _xxh3() -> Any:
