@@ -3,9 +3,9 @@
 The header holds magic, format version, dtype, shape, payload length and a checksum. The checksum
 (``xxh3_64``) covers the key, the header and the payload, so a value that was truncated, overwritten,
 moved to another key, or written in another format, dtype or shape is rejected, never returned.
-``xxh3_64`` runs at 14-40 GB/s here, against 2 GB/s for ``zlib.crc32``, which would halve the write
-throughput (DESIGN section 11): that is why the ``redis`` extra depends on ``xxhash``, imported only when
-a checksum is computed.
+``xxh3_64`` takes 1.15 ms over a 32 MiB chunk where ``zlib.crc32`` takes 14.5 ms (docs/remote.md gives
+the machine, date and command; DESIGN section 11): that is why the ``redis`` extra depends on
+``xxhash``, imported only when a checksum is computed.
 """
 
 from __future__ import annotations
