@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmcache.errors import BackendUnavailableError, ConfigError
-from lmcache.remote.format import _EXTRA_HINT
+from lmcache.remote.format import EXTRA_HINT
 from lmcache.remote.replies import WRONG_TYPE, ReplyReader, raw_socket
 from lmcache.remote.stats import Counters
 
@@ -68,7 +68,7 @@ class Connections:
             import redis.backoff
             import redis.retry
         except ImportError as exc:
-            raise BackendUnavailableError(f"the remote tier needs redis-py: {_EXTRA_HINT}") from exc
+            raise BackendUnavailableError(f"the remote tier needs redis-py: {EXTRA_HINT}") from exc
         self.url = redact_url(url)  #: the URL without credentials, for messages
         self._redis_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError)
         self._response_error: type[BaseException] = redis.ResponseError

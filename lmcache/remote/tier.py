@@ -23,7 +23,7 @@ from typing import Any
 
 from lmcache.errors import ConfigError, RemoteValueError
 from lmcache.remote.connections import Connections, redact_url
-from lmcache.remote.format import HEADER, _check_shape, _xxh3, decode_value, payload_bytes
+from lmcache.remote.format import HEADER, check_shape, decode_value, payload_bytes, xxh3
 from lmcache.remote.replies import WRONG_TYPE, FetchStream
 from lmcache.remote.stats import Counters, RemoteStats
 from lmcache.remote.writer import Writer, checked_write
@@ -112,7 +112,7 @@ class RedisTier:
             client_options=client_options,
             counters=self._counters,
         )
-        _xxh3()  # xxhash missing: BackendUnavailableError now, not at the first write
+        xxh3()  # xxhash missing: BackendUnavailableError now, not at the first write
         self._url = self._connections.url
         self.key_prefix = key_prefix
         self.ttl = ttl
@@ -177,7 +177,7 @@ class RedisTier:
         """
         if len(keys) != len(shapes):
             raise ConfigError(f"fetch got {len(keys)} keys but {len(shapes)} shapes")
-        dims = [_check_shape(s) for s in shapes]
+        dims = [check_shape(s) for s in shapes]
         if not keys:
             return []
         values = self._connections.pipelined("GET", keys)
@@ -212,7 +212,7 @@ class RedisTier:
         """
         if len(keys) != len(shapes):
             raise ConfigError(f"stream got {len(keys)} keys but {len(shapes)} shapes")
-        return FetchStream(self, list(keys), dtype, [_check_shape(s) for s in shapes])
+        return FetchStream(self, list(keys), dtype, [check_shape(s) for s in shapes])
 
     def probe(self, keys: Sequence[bytes], dtype: str, shapes: Sequence[Sequence[int]]) -> list[bool]:
         """Whether each key holds a value of the right length, in one pipelined round trip (``STRLEN``).
@@ -222,7 +222,7 @@ class RedisTier:
         """
         if len(keys) != len(shapes):
             raise ConfigError(f"probe got {len(keys)} keys but {len(shapes)} shapes")
-        want = [HEADER.size + payload_bytes(dtype, _check_shape(s)) for s in shapes]
+        want = [HEADER.size + payload_bytes(dtype, check_shape(s)) for s in shapes]
         if not keys:
             return []
         lengths = self._connections.strlen(keys)

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from lmcache.errors import ConfigError
-from lmcache.remote.format import _check_shape, byte_view, encode_header, payload_bytes
+from lmcache.remote.format import byte_view, check_shape, encode_header, payload_bytes
 from lmcache.remote.stats import Counters
 
 logger = logging.getLogger("lmcache.remote")
@@ -75,7 +75,7 @@ def checked_write(
         ConfigError: the payload is not C-contiguous or does not match ``dtype`` and ``shape``.
     """
     view = byte_view(payload)
-    dims = _check_shape(shape)
+    dims = check_shape(shape)
     if view.nbytes != payload_bytes(dtype, dims):
         raise ConfigError(
             f"payload has {view.nbytes} bytes but {dtype} {dims} needs {payload_bytes(dtype, dims)}"
