@@ -23,6 +23,7 @@ from kvtest import SMALL_SHAPE, random_bits, require, same_bits, small_pool, to_
 from lmcache import remote
 from lmcache.dtypes import KV_DTYPES
 from lmcache.errors import ConfigError
+from lmcache.remote.stats import Counters
 from redis_server import (
     HOST,
     SECRET,
@@ -206,6 +207,15 @@ def test_a_stream_reports_to_its_host_only_through_the_protocol() -> None:
         assert not stream.hit(2)  # the stream ended at the rejected value
     assert host.counted == ["hits", "corrupt"]
     assert host.reports == ["give_back", "succeeded"]  # a rejected value is no server fault
+
+
+def test_counters_refuse_an_unknown_name() -> None:
+    counters = Counters()
+    counters.add("hits", 2)
+    with pytest.raises(ConfigError, match="no remote counter 'hit'"):
+        counters.add("hit")
+    stats = counters.snapshot(pending=1, connected=True)
+    assert (stats.hits, stats.misses, stats.pending, stats.connected) == (2, 0, 1, True)
 
 
 # -- credentials and options ---------------------------------------------------------------------------

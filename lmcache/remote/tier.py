@@ -274,7 +274,7 @@ class RedisTier:
     # -- lifecycle -----------------------------------------------------------------------------------
     def stats(self) -> RemoteStats:
         """Return the counters, with the writes pending now and whether the server was last reached."""
-        return self._counters.snapshot(pending=self._writer.pending(), connected=self._connections.connected)
+        return self._writer.snapshot(connected=self._connections.connected)
 
     def close(self, timeout: float = 1.0) -> None:
         """Flush for at most ``timeout`` seconds, then stop the writer and drop what is still queued.

@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from lmcache.errors import ConfigError
 from lmcache.remote.format import byte_view, check_shape, encode_header, payload_bytes
-from lmcache.remote.stats import Counters
+from lmcache.remote.stats import Counters, RemoteStats
 
 logger = logging.getLogger("lmcache.remote")
 
@@ -87,9 +87,10 @@ class Writer:
     """A bounded queue of writes and the daemon thread that sends them, in batches of ``batch_bytes``.
 
     Fields change only here, under ``_lock``: the queue, the count of writes in flight, ``_closed``.
-    Counts ``writes`` and ``dropped`` in ``counters`` (a drop under ``_lock``, with the queue's change);
-    failures go to ``link``, which backs off, and the thread waits for it. Locks are taken in one order
-    only: ``_lock``, then the link's or the counters' own.
+    Counts ``writes`` and ``dropped`` in ``counters`` under ``_lock``, with the change of the queue or of
+    the in-flight count, so :meth:`snapshot` sees each queued write in exactly one of ``pending``,
+    ``writes`` and ``dropped``. Failures go to ``link``, which backs off, and the thread waits for it.
+    Locks are taken in one order only: ``_lock``, then the link's or the counters' own.
     """
 
     def __init__(
@@ -114,10 +115,11 @@ class Writer:
         """Whether :meth:`stop` was called."""
         return self._closed
 
-    def pending(self) -> int:
-        """Writes queued or in flight now."""
+    def snapshot(self, *, connected: bool) -> RemoteStats:
+        """The counters with the writes queued or in flight now, taken together under ``_lock``: a write
+        is always in exactly one of ``pending``, ``writes`` and ``dropped``."""
         with self._lock:
-            return len(self._queue) + self._in_flight
+            return self._counters.snapshot(pending=len(self._queue) + self._in_flight, connected=connected)
 
     def submit(self, write: Write) -> None:
         """Queue ``write``; when the queue is full drop the oldest one, and after :meth:`stop` this one."""
@@ -141,9 +143,12 @@ class Writer:
             return False
         conn = self._link.borrow()
         try:
-            return self._send_batch(conn, [write])
+            sent = self._send_batch(conn, [write])
         finally:
             self._link.give_back(conn)
+        if sent:
+            self._counters.add("writes")
+        return sent
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued write was sent or dropped; False if ``timeout`` seconds passed first."""
@@ -205,16 +210,17 @@ class Writer:
             except Exception:  # the writer must outlive any bug: the queue would never drain again
                 logger.exception("remote writer failed on a batch of %d writes", len(batch))
             finally:
-                with self._lock:
-                    if not sent:
-                        self._counters.add("dropped", len(batch))
+                with self._lock:  # counted as the batch leaves ``pending``
+                    self._counters.add("writes" if sent else "dropped", len(batch))
                     self._in_flight = 0
                     self._changed.notify_all()
                 for write in batch:
                     finish(write, sent)
 
     def _send_batch(self, conn: Any, batch: list[Write]) -> bool:
-        """Send SETs for ``batch`` on ``conn`` in one round trip; True when every one was stored."""
+        """Send SETs for ``batch`` on ``conn`` in one round trip; True when every one was stored.
+
+        The caller counts the writes (with its own change of state)."""
         try:
             commands: list[Any] = []
             for write in batch:
@@ -227,7 +233,6 @@ class Writer:
             conn.disconnect()
             self._link.failed("write", exc)
             return False
-        self._counters.add("writes", len(batch))
         self._link.succeeded()
         return True
 
