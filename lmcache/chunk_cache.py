@@ -50,7 +50,7 @@ from lmcache.cache_keys import (
 )
 from lmcache.checks import check_array
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, MemPoolError
-from lmcache.paged import PagedRequest
+from lmcache.paged import PagedRequest, check_distinct_layers
 from lmcache.registry import framework_of, load_adapter
 from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
@@ -151,23 +151,29 @@ class Lease:
     from a released lease must not be read.
     """
 
-    __slots__ = ("_cache", "_chain", "_released", "chunks", "num_tokens")
+    __slots__ = ("_chain", "_flip", "_on_release", "chunks", "num_tokens")
 
-    def __init__(self, cache: ChunkCache, chain: list[_Entry]) -> None:
-        self._cache = cache
-        self._chain = chain
-        self._released = False
+    def __init__(self, chain: list[_Entry], on_release: Callable[[list[_Entry]], None]) -> None:
+        """Hold ``chain`` (pinned by the cache); ``on_release(chain)`` unpins it, once."""
+        self._chain: list[_Entry] | None = chain
+        self._on_release = on_release
+        self._flip = threading.Lock()  # release() from two threads: exactly one unpins
         self.chunks: list[KVObj] = [entry.obj for entry in chain]
         self.num_tokens: int = sum(entry.num_tokens for entry in chain)
 
     @property
     def released(self) -> bool:
         """Whether :meth:`release` was called."""
-        return self._released
+        return self._chain is None
 
     def release(self) -> None:
         """Unpin the chunks and mark them recently used; calling it again does nothing."""
-        self._cache._release_lease(self)
+        with self._flip:
+            chain, self._chain = self._chain, None
+            if chain is None:
+                return
+            self.chunks = []  # their slots may hold other chunks from now on
+        self._on_release(chain)
 
     def __enter__(self) -> Lease:
         return self
@@ -176,7 +182,7 @@ class Lease:
         self.release()
 
     def __repr__(self) -> str:
-        state = "released" if self._released else "held"
+        state = "released" if self._chain is None else "held"
         return f"Lease({len(self.chunks)} chunks, {self.num_tokens} tokens, {state})"
 
 
@@ -434,6 +440,7 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
+        check_distinct_layers(kv_caches)
         self._pull(ids, request.coverable_tokens(len(ids)))
         chain = self._pin_prefix(ids, None, lease=False, check=request.check_table)
         try:
@@ -501,15 +508,16 @@ class ChunkCache:
                     if entry is not None:  # another thread stored the same chunk meanwhile
                         self.pool.free(obj)
                         self._pin(entry)
+                        chain.append(entry)
                     else:
                         entry = _Entry(key, obj, chain[-1] if chain else None, num_tokens)
                         entry.pins = 1
                         if entry.parent is not None:
                             entry.parent.children += 1
+                        new.append(entry)
+                        chain.append(entry)  # in the chain (so unpinned) before it is published
                         entries[key] = entry
                         self._stored += 1
-                        new.append(entry)
-                    chain.append(entry)
         finally:
             with lock:
                 if new and write_through and self.remote is not None:
@@ -632,7 +640,7 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         self._pull(ids, None)
-        return Lease(self, self._pin_prefix(ids, None, lease=True))
+        return Lease(self._pin_prefix(ids, None, lease=True), self._release_chain)
 
     def _pin_prefix(
         self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
@@ -666,17 +674,14 @@ class ChunkCache:
             self._query_tokens += len(ids)
         return chain
 
-    def _release_lease(self, lease: Lease) -> None:
+    def _release_chain(self, chain: list[_Entry]) -> None:
+        """Take back one lease of each chunk of ``chain`` (a :class:`Lease` calls this once)."""
         with self._lock:
-            if lease._released:
-                return
-            lease._released = True
-            lease.chunks = []  # their slots may hold other chunks from now on
-            for entry in lease._chain:
+            for entry in chain:
                 entry.leases -= 1
                 if entry.leases == 0:
                     self._leased -= 1
-            self._unpin(lease._chain)
+            self._unpin(chain)
 
     def _check_framework(self, framework: str | None) -> str:
         if framework is None:
@@ -791,10 +796,16 @@ class ChunkCache:
                     self._unpin(hold)
 
         dtype = self._layout.dtype.name
-        for entry in new:
-            obj = entry.obj
-            payload = obj.as_numpy() if self._host else obj.clone("numpy")  # device slots: a host copy
-            tier.submit(tier.key(self.namespace, entry.key), payload, dtype, payload.shape, on_done)
+        submitted = 0
+        try:
+            for entry in new:
+                obj = entry.obj
+                payload = obj.as_numpy() if self._host else obj.clone("numpy")  # device slots: a host copy
+                tier.submit(tier.key(self.namespace, entry.key), payload, dtype, payload.shape, on_done)
+                submitted += 1
+        finally:
+            for _ in range(len(new) - submitted):  # never submitted (an error mid-loop): not pending
+                on_done(False)
 
     def _pull(self, ids: np.ndarray, limit: int | None) -> None:
         """Fetch the chunks that follow the local prefix of ``ids`` from the remote tier into local slots.

@@ -57,6 +57,11 @@ class BackendUnavailableError(MemPoolError, ImportError):
     """The backend's framework is not installed; the message names the extra to install."""
 
 
+class BenchmarkError(MemPoolError, RuntimeError):
+    """A benchmark of ``python -m lmcache bench`` could not measure what it claims to (a pool too small
+    for its chunk, a cache that lost chunks, a server that did not start); the message says which."""
+
+
 class RemoteValueError(MemPoolError, ValueError):
     """A value read from the remote tier does not match what the reader expects (format, dtype, shape,
     length, checksum); :mod:`lmcache.remote` counts it as corrupt and never returns it."""
@@ -64,6 +69,7 @@ class RemoteValueError(MemPoolError, ValueError):
 
 __all__ = [
     "BackendUnavailableError",
+    "BenchmarkError",
     "ChunkShapeError",
     "ChunkTypeError",
     "ConfigError",

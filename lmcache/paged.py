@@ -191,6 +191,13 @@ def describe(kv_caches: Any, layout: str) -> PagedSpec:
             other = _shape_of(layer, f"layer {index} of the paged cache", framework)
             if other != shape:
                 raise ChunkShapeError(f"layer {index} of the paged cache has shape {other}, layer 0 {shape}")
+    if framework == "jax":
+        for index, layer in enumerate(layers):
+            if layer.is_deleted():
+                raise ChunkTypeError(
+                    f"layer {index} of the paged cache was deleted (donated to an earlier load_paged?); "
+                    "pass the caches that load_paged returned"
+                )
     dtype = _dtype_of(layers[0], "the paged cache")
     devices = set()
     for index, layer in enumerate(layers):
@@ -209,6 +216,16 @@ def describe(kv_caches: Any, layout: str) -> PagedSpec:
     if min(L, B, S, H, D) < 1:
         raise ChunkShapeError(f"every dimension of a paged cache must be positive, got {shape}")
     return PagedSpec(layout, framework, L, kv, B, S, H, D, dtype)
+
+
+def check_distinct_layers(kv_caches: Any) -> None:
+    """Raise unless a list layout names a different array for each layer (before a scatter: one array
+    named twice would get one layer's KV written over another's, or be donated twice)."""
+    if isinstance(kv_caches, (list, tuple)) and len({id(layer) for layer in kv_caches}) != len(kv_caches):
+        raise ChunkShapeError(
+            "the paged cache names one array for two layers; pass one array per layer (a scatter would "
+            "write one layer's KV over another's)"
+        )
 
 
 def _device_of(array: Any, framework: str) -> str:
@@ -437,6 +454,7 @@ __all__ = [
     "PagedRequest",
     "PagedSpec",
     "block_table",
+    "check_distinct_layers",
     "describe",
     "framework_of_array",
     "kernels",

@@ -382,7 +382,7 @@ def test_serving_scenario_is_left_out_without_torch() -> None:
     import io
 
     from lmcache.bench import Options
-    from lmcache.bench_serving import available, bench_serving
+    from lmcache.bench.serving import available, bench_serving
 
     progress = io.StringIO()
     assert not available(["numpy", "jax"])
@@ -395,7 +395,7 @@ def test_serving_bench_module_imports_no_framework() -> None:
     import sys
 
     code = (
-        "import sys, lmcache.bench_serving\n"
+        "import sys, lmcache.bench.serving\n"
         "bad = [m for m in ('torch', 'jax', 'transformers') if m in sys.modules]\n"
         "sys.exit(f'imported: {bad}' if bad else 0)\n"
     )

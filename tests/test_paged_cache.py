@@ -272,3 +272,50 @@ def test_paged_through_a_remote_tier(redis_server: Any) -> None:
         assert reader.stats().remote_hits == 3
         expect_load(target, ids, kv_bits, 45)
         assert_same(target)
+
+
+def test_donated_or_aliased_jax_caches_are_refused_before_anything_changes() -> None:
+    """A cache donated to an earlier load_paged, or one array named for two layers, is a project error
+    raised before the query is counted (found by review: a raw RuntimeError / JaxRuntimeError)."""
+    jnp = require("jax").numpy
+    from cachetest import cache_pool
+
+    cache = ChunkCache(cache_pool("numpy", slots=8))
+    tokens = list(range(20))
+    stacked = jnp.zeros((2, 2, 8, 16, 2, 8), jnp.float16)
+    cache.store_paged(tokens, stacked, [0, 1], layout="stacked")
+    _, n = cache.load_paged(tokens, stacked, [2, 3], layout="stacked")  # donates `stacked`
+    assert n == 20
+    assert stacked.is_deleted()
+    before = cache.stats()
+    with pytest.raises(ChunkTypeError, match="deleted"):
+        cache.load_paged(tokens, stacked, [2, 3], layout="stacked")
+    with pytest.raises(ChunkTypeError, match="deleted"):
+        cache.store_paged(list(range(50, 70)), stacked, [4, 5], layout="stacked")
+    layer = jnp.ones((8, 16, 4, 8), jnp.float16)
+    with pytest.raises(ChunkShapeError, match="one array for two layers"):
+        cache.load_paged(tokens, [layer, layer], [2, 3], layout="interleaved")
+    assert not layer.is_deleted()
+    assert cache.stats() == before
+
+
+def test_torch_cache_on_a_misaligned_storage_base() -> None:
+    """A contiguous cache whose storage starts 2 bytes off alignment (from_numpy of an odd buffer) is
+    valid input: the row type must divide its byte offset, not only its address."""
+    torch = require("torch")
+    from cachetest import cache_pool
+
+    L, K, B, S, H, D = 2, 2, 4, 16, 2, 8
+    count = L * K * B * S * H * D
+    raw = np.zeros(count * 2 + 64, np.uint8)
+    start = (2 - raw.ctypes.data) % 16
+    storage = torch.from_numpy(raw[start : start + count * 2 + 32]).view(torch.float16)
+    kv = storage[7 : 7 + count].view(L, K, B, S, H, D)  # data_ptr aligned, storage offset odd
+    assert kv.storage_offset() == 7
+    kv.copy_(torch.arange(count, dtype=torch.int16).view(torch.float16).view(kv.shape))
+    cache = ChunkCache(cache_pool("torch", slots=8))
+    assert cache.store_paged(list(range(32)), kv, [0, 1], layout="stacked") == 32
+    out, n = cache.retrieve(list(range(32)), framework="torch")
+    assert n == 32
+    expected = kv[:, :, [0, 1]].reshape(L, K, 32, H, D)
+    assert torch.equal(out.view(torch.int16), expected.view(torch.int16))

@@ -352,7 +352,7 @@ def test_tier_state_machine(redis_server: RedisServer) -> None:
 # -- isolation and the benchmark section ---------------------------------------------------------------
 def test_importing_the_module_imports_no_client_library() -> None:
     code = (
-        "import sys, lmcache.remote, lmcache.bench_remote, lmcache.chunk_cache; "
+        "import sys, lmcache.remote, lmcache.bench.remote, lmcache.chunk_cache; "
         "bad = [m for m in ('redis', 'xxhash', 'torch', 'jax') if m in sys.modules]; "
         "print(bad); sys.exit(1 if bad else 0)"
     )
@@ -373,7 +373,7 @@ def test_missing_client_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bench_section_measures_against_raw_commands() -> None:
     require_redis()
     from lmcache.bench import Options
-    from lmcache.bench_remote import bench_remote
+    from lmcache.bench.remote import bench_remote
 
     results = bench_remote(Options(repeat=1, progress=None))
     metrics = [r.metric for r in results]

@@ -28,8 +28,14 @@ from lmcache_torch import torch_dtype
 _ROW_DTYPES = (torch.complex128, torch.float64, torch.float32, torch.int16, torch.uint8)
 
 
+def _byte_offsets(tensor: torch.Tensor) -> list[int]:
+    """What a row type must divide: the tensor's address, and its byte offset into its storage
+    (``Tensor.view(dtype)`` needs the latter; a storage base can itself be misaligned)."""
+    return [tensor.data_ptr(), int(tensor.storage_offset()) * tensor.element_size()]
+
+
 def _row_dtype(row_bytes: int, addresses: list[int]) -> torch.dtype:
-    """The widest element type that divides ``row_bytes`` and the alignment of every address."""
+    """The widest element type that divides ``row_bytes`` and every address and byte offset."""
     for dtype in _ROW_DTYPES:
         size = dtype.itemsize
         if row_bytes % size == 0 and all(address % size == 0 for address in addresses):
@@ -83,7 +89,7 @@ class TorchPaged:
         self.spec = spec
         self.layers = _layers(kv_caches, spec)
         self.device = self.layers[0].device
-        self._addresses = [layer.data_ptr() for layer in self.layers]
+        self._addresses = [offset for layer in self.layers for offset in _byte_offsets(layer)]
         self._views: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
 
     def _plan(
@@ -94,7 +100,7 @@ class TorchPaged:
         count = chunk.shape[2]
         g = row_tokens(spec.block_size, start, count)
         row_bytes = g * spec.token_elems * spec.dtype.itemsize
-        dtype = _row_dtype(row_bytes, [*self._addresses, chunk.data_ptr()])
+        dtype = _row_dtype(row_bytes, [*self._addresses, *_byte_offsets(chunk)])
         width = row_bytes // dtype.itemsize
         views = self._views.get((dtype, width))
         if views is None:

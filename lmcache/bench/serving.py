@@ -21,11 +21,11 @@ torch) it returns nothing. ``--quick`` measures a shorter request, as a self-che
 from __future__ import annotations
 
 import importlib.util
-import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lmcache.bench import Options, Result, _best
+from lmcache.bench import common
+from lmcache.bench.common import Options, Result
 from lmcache.chunk_cache import CacheInvariantError, ChunkCache
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.layout import SlotLayout
@@ -51,15 +51,6 @@ def _cache(model: Any, backend: str, chunk_tokens: int, chunks: int) -> ChunkCac
     slot_bytes = SlotLayout.from_metadata(LMCacheMemPoolMetadata(shape, "float32", 1.0)).slot_bytes
     meta = LMCacheMemPoolMetadata(shape, "float32", chunks * slot_bytes / 2**30)
     return ChunkCache(LocalCPUPool(meta, backend=backend, pin_memory=False), namespace="bench/tiny-llama")
-
-
-def _timed(fn: Callable[[], Any]) -> Callable[[], float]:
-    def trial() -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    return trial
 
 
 def _checked(reused: int, expected: int) -> None:
@@ -97,8 +88,8 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
     logits, _, reused = hf.prefill_with_cache(model, torch_cache, tokens, store=False)
     _checked(reused, cached)
     errors["torch"] = float(np.abs(logits[-1].numpy() - reference).max())
-    trials["torch full"] = _timed(lambda: int(hf.prefill(model, tokens)[0][-1].argmax()))
-    trials["torch cached"] = _timed(
+    trials["torch full"] = common.timed(lambda: int(hf.prefill(model, tokens)[0][-1].argmax()))
+    trials["torch cached"] = common.timed(
         lambda: int(hf.prefill_with_cache(model, torch_cache, tokens, store=False)[0][-1].argmax())
     )
 
@@ -113,8 +104,8 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
         jax_logits, _, reused = llama.prefill_with_cache(spec, params, jax_cache, tokens, store=False)
         _checked(reused, cached)
         errors["jax"] = float(np.abs(np.asarray(jax_logits[-1]) - reference).max())
-        trials["jax full"] = _timed(lambda: int(llama.forward(spec, params, tokens)[0][-1].argmax()))
-        trials["jax cached"] = _timed(
+        trials["jax full"] = common.timed(lambda: int(llama.forward(spec, params, tokens)[0][-1].argmax()))
+        trials["jax cached"] = common.timed(
             lambda: int(
                 llama.prefill_with_cache(spec, params, jax_cache, tokens, store=False)[0][-1].argmax()
             )
@@ -126,7 +117,7 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        best = _best(trials, opts.repeat)
+        best = common.best(trials, opts.repeat)
     finally:
         torch.set_num_threads(threads)
     results = []

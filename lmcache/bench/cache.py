@@ -20,9 +20,11 @@ from typing import Any
 
 import numpy as np
 
-from lmcache.bench import Options, Result, _best, _filled, _pool
+from lmcache.bench import common
+from lmcache.bench.common import Options, Result
 from lmcache.chunk_cache import KEY_BYTES, ChunkCache
 from lmcache.config import LMCacheMemPoolMetadata
+from lmcache.errors import BenchmarkError
 from lmcache.hostmem import allocate_host
 from lmcache.layout import SlotLayout
 
@@ -42,7 +44,7 @@ def _slots_pool(backend: str, shape: tuple[int, ...], dtype: str, slots: int) ->
     """A CPU pool of exactly ``slots`` slots."""
     meta = LMCacheMemPoolMetadata(shape, dtype, 1.0)  # type: ignore[arg-type]
     slot_bytes = SlotLayout.from_metadata(meta).slot_bytes
-    return _pool(backend, shape, dtype, slots * slot_bytes / 2**30)
+    return common.pool(backend, shape, dtype, slots * slot_bytes / 2**30)
 
 
 def _aligned_copy(array: np.ndarray) -> np.ndarray:
@@ -68,10 +70,11 @@ def bench_cache_copy(backend: str, opts: Options) -> list[Result]:
     pool = _slots_pool(backend, CACHE_SHAPE, opts.dtype, chunks)
     cache = ChunkCache(pool)
     tokens = np.arange(prompt_tokens, dtype=np.int64)
-    kv_host = _aligned_copy(_filled("numpy", shape, opts.dtype))
-    kv = kv_host if backend == "numpy" else _filled(backend, shape, opts.dtype)
+    kv_host = _aligned_copy(common.filled("numpy", shape, opts.dtype))
+    kv = kv_host if backend == "numpy" else common.filled(backend, shape, opts.dtype)
     out_host = _aligned_copy(kv_host)
-    out = _filled("torch", shape, opts.dtype) if backend == "torch" else out_host  # JAX arrays are immutable
+    # JAX arrays are immutable: a JAX cache retrieves into host memory.
+    out = common.filled("torch", shape, opts.dtype) if backend == "torch" else out_host
     # The baseline: the same bytes into slot-sized buffers of the pool's kind of memory (page-aligned
     # anonymous mmap, slot stride as the pool's) and back, chunk by chunk.
     layout = pool.layout
@@ -96,12 +99,15 @@ def bench_cache_copy(backend: str, opts: Options) -> list[Result]:
             _, n = cache.retrieve(tokens, out=out) if into_out else cache.retrieve(tokens)
             elapsed = time.perf_counter() - start
             if n != prompt_tokens:
-                raise RuntimeError(f"the benchmark's cache returned {n} of {prompt_tokens} tokens")
+                raise BenchmarkError(
+                    f"the cache benchmark retrieved {n} of the {prompt_tokens} tokens it stored: the cache "
+                    "dropped chunks of a prompt that fits its pool (a bug in ChunkCache)"
+                )
             return elapsed
 
         return run
 
-    best = _best({"copyto": copies, "out": cached(True), "new": cached(False)}, opts.repeat)
+    best = common.best({"copyto": copies, "out": cached(True), "new": cached(False)}, opts.repeat)
     moved = 2 * kv_host.nbytes / 1e9
     return [
         Result(
@@ -129,9 +135,12 @@ def bench_cache_lookup(opts: Options) -> list[Result]:
     cache = ChunkCache(pool)
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in rng.integers(0, 128_000, size=LOOKUP_CHUNKS * chunk)]
-    kv = _filled("numpy", (*LOOKUP_SHAPE[:2], len(tokens), *LOOKUP_SHAPE[3:]), opts.dtype)
+    kv = common.filled("numpy", (*LOOKUP_SHAPE[:2], len(tokens), *LOOKUP_SHAPE[3:]), opts.dtype)
     if cache.store(tokens, kv) != len(tokens):
-        raise RuntimeError("the lookup benchmark's prompt did not fit its pool")
+        raise BenchmarkError(
+            f"the lookup benchmark stored fewer than the {len(tokens)} tokens of a prompt sized to fill its "
+            f"pool exactly: {cache.stats()}"
+        )
     miss = [tokens[0] + 1, *tokens[1:]]
     step = chunk * 8
     calls = 20
@@ -145,16 +154,12 @@ def bench_cache_lookup(opts: Options) -> list[Result]:
                 key = blake2b(data[offset : offset + step], digest_size=KEY_BYTES, key=key).digest()
         return (time.perf_counter() - start) / calls
 
-    def timed(prompt: list[int]) -> Callable[[], float]:
-        def run() -> float:
-            start = time.perf_counter()
-            for _ in range(calls):
-                cache.lookup(prompt)
-            return (time.perf_counter() - start) / calls
-
-        return run
-
-    best = _best({"baseline": baseline, "hit": timed(tokens), "miss": timed(miss)}, opts.repeat)
+    trials = {
+        "baseline": baseline,
+        "hit": common.timed(lambda: cache.lookup(tokens), calls),
+        "miss": common.timed(lambda: cache.lookup(miss), calls),
+    }
+    best = common.best(trials, opts.repeat)
     return [
         Result(
             f"cache lookup, {LOOKUP_CHUNKS} chunks of {chunk} tokens (list)",
@@ -175,7 +180,7 @@ def _filled_cache(slots: int, dtype: str) -> tuple[ChunkCache, list[int]]:
     cache = ChunkCache(_slots_pool("numpy", EVICT_SHAPE, dtype, slots))
     chunk = EVICT_SHAPE[2]
     per_store = 256 * chunk
-    kv = _filled("numpy", (*EVICT_SHAPE[:2], per_store, *EVICT_SHAPE[3:]), dtype)
+    kv = common.filled("numpy", (*EVICT_SHAPE[:2], per_store, *EVICT_SHAPE[3:]), dtype)
     base = 0
     while len(cache) < slots:
         cache.store(np.arange(base, base + per_store, dtype=np.int64), kv)
@@ -189,13 +194,13 @@ def bench_cache_eviction(opts: Options) -> list[Result]:
     big_slots = (1 << 16) if quick else (1 << 20)
     chunk = EVICT_SHAPE[2]
     prompt_tokens = EVICT_PROMPT_CHUNKS * chunk
-    kv = _filled("numpy", (*EVICT_SHAPE[:2], prompt_tokens, *EVICT_SHAPE[3:]), opts.dtype)
+    kv = common.filled("numpy", (*EVICT_SHAPE[:2], prompt_tokens, *EVICT_SHAPE[3:]), opts.dtype)
     stored = EVICT_PROMPTS * EVICT_PROMPT_CHUNKS
     empty, _ = _filled_cache(1024, opts.dtype)
     empty.clear()
     small, small_next = _filled_cache(1024, opts.dtype)
     big, big_next = _filled_cache(big_slots, opts.dtype)
-    gc.freeze()  # a million entries would make every gc.collect() in _best slow; they are not measured
+    gc.freeze()  # a million entries would make every gc.collect() in common.best slow; they are not measured
 
     def storing(cache: ChunkCache, next_token: list[int], clear: bool) -> Callable[[], float]:
         def run() -> float:
@@ -215,7 +220,7 @@ def bench_cache_eviction(opts: Options) -> list[Result]:
         return run
 
     try:
-        best = _best(
+        best = common.best(
             {
                 "empty": storing(empty, [1 << 40], clear=True),
                 "full": storing(small, small_next, clear=False),
@@ -227,7 +232,10 @@ def bench_cache_eviction(opts: Options) -> list[Result]:
     finally:
         gc.unfreeze()
     if min(evicted) == 0:
-        raise RuntimeError("the full caches did not evict: the benchmark measured the wrong thing")
+        raise BenchmarkError(
+            f"the full caches did not evict (evicted: {evicted}), so the eviction benchmark measured "
+            "plain stores: the caches filled before the trials were not full"
+        )
     return [
         Result(
             "cache store per chunk, full (evicting) vs empty, 1k slots",

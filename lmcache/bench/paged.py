@@ -15,13 +15,13 @@ Run it with ``python -m lmcache bench`` (the section "paged transfer").
 from __future__ import annotations
 
 import gc
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from lmcache.bench import Options, Result, _best
+from lmcache.bench import common
+from lmcache.bench.common import Options, Result
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.paged import block_table, describe, kernels
 from lmcache.storage_backend.mem_pool import LocalCPUPool
@@ -39,19 +39,12 @@ def _size(opts: Options) -> tuple[int, int]:
 
 
 def _random_bits(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """Random 16-bit patterns, to be viewed as bfloat16."""
     return np.random.default_rng(seed).integers(0, 1 << 16, size=shape, dtype=np.uint16)
 
 
-def _timed(fn: Callable[[], Any]) -> Callable[[], float]:
-    def run() -> float:
-        start = time.perf_counter()
-        fn()
-        return time.perf_counter() - start
-
-    return run
-
-
 def _rows(label: str, backend: str, nbytes: int, best: dict[str, float], note: str = "") -> list[Result]:
+    """One bandwidth row per trial in ``best`` but the ``"copy"`` baseline, as a ratio to it."""
     base = nbytes / best["copy"] / 1e9
     results = []
     for name in (n for n in best if n != "copy"):
@@ -73,7 +66,8 @@ def _rows(label: str, backend: str, nbytes: int, best: dict[str, float], note: s
     return results
 
 
-def _pool(backend: str, num_layers: int, slots: int) -> Any:
+def _paged_pool(backend: str, num_layers: int, slots: int) -> Any:
+    """A CPU pool of ``slots`` chunks of ``num_layers`` layers of the benchmark's model (bfloat16)."""
     shape = (num_layers, 2, CHUNK_SIZE, HEADS, HEAD_SIZE)
     slot_bytes = num_layers * 2 * CHUNK_SIZE * HEADS * HEAD_SIZE * 2
     meta = LMCacheMemPoolMetadata(shape, "bfloat16", slots * slot_bytes / 2**30)
@@ -92,7 +86,7 @@ def bench_paged_torch(opts: Options) -> list[Result]:
     ids = np.random.default_rng(0).permutation(num_blocks)
     tokens = list(range(T))
     chunks = T // CHUNK_SIZE
-    pool = _pool("torch", L, 2 * chunks)  # half for the kernels' slots, half for the cache's
+    pool = _paged_pool("torch", L, 2 * chunks)  # half for the kernels' slots, half for the cache's
     like = torch.empty(L, 2, CHUNK_SIZE, HEADS, HEAD_SIZE, dtype=torch.bfloat16, device="meta")
     slots = [pool.allocate(like) for _ in range(chunks)]
     views = [obj.data for obj in slots]
@@ -129,11 +123,11 @@ def bench_paged_torch(opts: Options) -> list[Result]:
             cache.load_paged(tokens, caches, ids, layout=layout)
 
         trials = {
-            "copy": _timed(lambda: copy_dst.copy_(copy_src)),
-            "gather (store)": _timed(gather),
-            "scatter (load)": _timed(scatter),
-            "ChunkCache.store_paged": _timed(store),
-            "ChunkCache.load_paged": _timed(load),  # runs after store_paged: every chunk hits
+            "copy": common.timed(lambda: copy_dst.copy_(copy_src)),
+            "gather (store)": common.timed(gather),
+            "scatter (load)": common.timed(scatter),
+            "ChunkCache.store_paged": common.timed(store),
+            "ChunkCache.load_paged": common.timed(load),  # runs after store_paged: every chunk hits
         }
         label = f"{layout} layout, {T} tokens x {L} layers ({nbytes >> 20} MiB), block {BLOCK_SIZE}"
         # torch's default threads, and one thread: on a machine whose cores other processes share, each
@@ -143,7 +137,7 @@ def bench_paged_torch(opts: Options) -> list[Result]:
         for threads in settings:  # --quick: the default only
             torch.set_num_threads(threads)
             try:
-                best = _best(trials, opts.repeat)
+                best = common.best(trials, opts.repeat)
             finally:
                 torch.set_num_threads(default_threads)
             note = f"chunk {CHUNK_SIZE}; {threads} thread{'s' if threads > 1 else ''} (baseline too)"
@@ -169,7 +163,7 @@ def bench_paged_jax(opts: Options) -> list[Result]:
     module = kernels("jax")
     src = jnp.asarray(_random_bits((L, 2, T, HEADS, HEAD_SIZE), 2).view(jnp.bfloat16)).block_until_ready()
     copy = jax.jit(jnp.copy)
-    pool = _pool("jax", L, T // CHUNK_SIZE)
+    pool = _paged_pool("jax", L, T // CHUNK_SIZE)
     tokens = list(range(T))
     results = []
     for layout in ("stacked", "interleaved"):
@@ -209,14 +203,14 @@ def bench_paged_jax(opts: Options) -> list[Result]:
             ("store", store),
             ("load", load),
         ):
-            first[name] = _timed(fn)()
-        best = _best(
+            first[name] = common.timed(fn)()
+        best = common.best(
             {
-                "copy": _timed(lambda: copy(src).block_until_ready()),
-                "gather (store)": _timed(gather),
-                "scatter (load)": _timed(scatter),
-                "ChunkCache.store_paged": _timed(store),
-                "ChunkCache.load_paged": _timed(load),  # runs after store_paged: every chunk hits
+                "copy": common.timed(lambda: copy(src).block_until_ready()),
+                "gather (store)": common.timed(gather),
+                "scatter (load)": common.timed(scatter),
+                "ChunkCache.store_paged": common.timed(store),
+                "ChunkCache.load_paged": common.timed(load),  # runs after store_paged: every chunk hits
             },
             opts.repeat,
         )

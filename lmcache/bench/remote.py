@@ -26,12 +26,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 
-from lmcache.bench import Options, Result, _best, _pool
+from lmcache.bench import common
+from lmcache.bench.common import Options, Result
+from lmcache.errors import BenchmarkError
 
 #: The chunk shapes measured (bfloat16): 256 KiB, and a Llama-3-8B chunk of 32 MiB.
 SHAPES = {"256 KiB": (1, 2, 256, 2, 128), "32 MiB": (32, 2, 256, 8, 128)}
@@ -63,23 +65,16 @@ def loopback_server() -> Iterator[str]:
                     break
             except OSError:
                 if process.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"redis-server did not start on 127.0.0.1:{port}") from None
+                    raise BenchmarkError(
+                        f"redis-server did not start on 127.0.0.1:{port} within 10 s: run `{executable} "
+                        f"--port {port}` by hand to see why"
+                    ) from None
                 time.sleep(0.02)
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         process.terminate()
         process.wait(10)
         shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _timed(fn: Callable[[], Any], ops: int) -> Callable[[], float]:
-    def run() -> float:
-        start = time.perf_counter()
-        for _ in range(ops):
-            fn()
-        return (time.perf_counter() - start) / ops
-
-    return run
 
 
 def bench_remote(opts: Options) -> list[Result]:
@@ -108,19 +103,25 @@ def _bench_cache_lookup(tier: Any, opts: Options) -> Result:
     shape = (1, 2, 256, 1, 8)  # 8 KiB chunks: a lookup reads lengths, not payloads
     tokens = list(range(PROBE_CHUNKS * shape[2]))
     slots_gib = (PROBE_CHUNKS + 1) * math.prod(shape) * 2 / 2**30
-    local = ChunkCache(_pool("numpy", shape, "bfloat16", slots_gib), namespace="bench-lookup", remote=tier)
+    local = ChunkCache(
+        common.pool("numpy", shape, "bfloat16", slots_gib), namespace="bench-lookup", remote=tier
+    )
     remote_only = ChunkCache(
-        _pool("numpy", shape, "bfloat16", slots_gib), namespace="bench-lookup", remote=tier
+        common.pool("numpy", shape, "bfloat16", slots_gib), namespace="bench-lookup", remote=tier
     )
     kv = np.zeros((*shape[:2], len(tokens), *shape[3:]), dtype=local.pool.layout.dtype.numpy_dtype)
     if local.store(tokens, kv) != len(tokens) or not local.flush(30.0):
-        raise RuntimeError(f"the lookup benchmark could not store its prompt: {local.stats()}")
+        raise BenchmarkError(
+            f"the remote lookup benchmark could not store and flush its prompt to the server: {local.stats()}"
+        )
     if remote_only.lookup(tokens) != len(tokens):
-        raise RuntimeError(f"the server does not hold the prompt: {remote_only.stats()}")
-    best = _best(
+        raise BenchmarkError(
+            f"the server does not hold the prompt just flushed to it (is it evicting?): {remote_only.stats()}"
+        )
+    best = common.best(
         {
-            "remote": _timed(lambda: remote_only.lookup(tokens), 20),
-            "local": _timed(lambda: local.lookup(tokens), 20),
+            "remote": common.timed(lambda: remote_only.lookup(tokens), 20),
+            "local": common.timed(lambda: local.lookup(tokens), 20),
         },
         opts.repeat,
     )
@@ -139,7 +140,7 @@ def _bench_cache_lookup(tier: Any, opts: Options) -> Result:
 def _bench_chunk(tier: Any, label: str, shape: tuple[int, int, int, int, int], opts: Options) -> list[Result]:
     """Put and get one chunk through the tier, and SET and GET its bytes raw, interleaved."""
     client = tier.client
-    pool = _pool("numpy", shape, "bfloat16", 2 * math.prod(shape) * 2 / 2**30 + 0.001)
+    pool = common.pool("numpy", shape, "bfloat16", 2 * math.prod(shape) * 2 / 2**30 + 0.001)
     dtype = pool.layout.dtype
     chunk = np.random.default_rng(0).integers(0, 60, size=shape, dtype=np.uint8).astype(dtype.numpy_dtype)
     source, target = pool.put(chunk), pool.allocate(chunk)
@@ -149,12 +150,12 @@ def _bench_chunk(tier: Any, label: str, shape: tuple[int, int, int, int, int], o
 
     def put() -> None:
         if not tier.write(key, slot, dtype.name, shape):
-            raise RuntimeError(f"remote write failed: {tier.stats()}")
+            raise BenchmarkError(f"a chunk write to the benchmark's redis-server failed: {tier.stats()}")
 
     def get() -> None:  # what ChunkCache's read-through does: from the socket into a slot, then verify
         with tier.stream([key], dtype.name, [shape]) as replies:
             if not (replies.hit(0) and replies.read_into(landing)):
-                raise RuntimeError(f"remote get failed: {tier.stats()}")
+                raise BenchmarkError(f"a chunk read from the benchmark's redis-server failed: {tier.stats()}")
 
     def raw_set() -> None:
         client.set(raw_key, raw_bytes)
@@ -167,9 +168,12 @@ def _bench_chunk(tier: Any, label: str, shape: tuple[int, int, int, int, int], o
     quick = opts.repeat <= 2
     ops = (2 if quick else 5) if len(raw_bytes) > 2**24 else (20 if quick else 200)
     trials = {"put": put, "SET": raw_set, "get": get, "GET": raw_get}
-    best = _best({name: _timed(fn, ops) for name, fn in trials.items()}, opts.repeat)
+    best = common.best({name: common.timed(fn, ops) for name, fn in trials.items()}, opts.repeat)
     if landing.tobytes() != raw_bytes:
-        raise RuntimeError("the chunk read back through the tier differs from the one written")
+        raise BenchmarkError(
+            "the chunk read back through the remote tier differs from the one written: the tier or the "
+            "server corrupted it"
+        )
     client.delete(raw_key, key)
     pool.close()
     gbps = {name: len(raw_bytes) / seconds / 1e9 for name, seconds in best.items()}
@@ -195,10 +199,10 @@ def _bench_probe(tier: Any, opts: Options) -> Result:
     keys = [tier.key("bench", i.to_bytes(8, "little")) for i in range(PROBE_CHUNKS)]
     for key in keys:
         client.set(key, b"")  # a probe reads lengths only: the values need not be chunks
-    best = _best(
+    best = common.best(
         {
-            "probe": _timed(lambda: tier.probe(keys, "bfloat16", [shape] * len(keys)), 20),
-            "ping": _timed(client.ping, 20),
+            "probe": common.timed(lambda: tier.probe(keys, "bfloat16", [shape] * len(keys)), 20),
+            "ping": common.timed(client.ping, 20),
         },
         opts.repeat,
     )

@@ -1,0 +1,145 @@
+"""What every benchmark section shares: the result row, the options, and the timing and pool helpers.
+
+A section builds its inputs with :func:`pool`, :func:`filled` and :func:`shape_only`, wraps each thing it
+measures (and its baseline) with :func:`timed`, and runs them interleaved with :func:`best`, so that a
+ratio compares two figures taken under the same load on the machine.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+import numpy as np
+
+from lmcache.config import LMCacheMemPoolMetadata
+from lmcache.dtypes import KV_DTYPES
+from lmcache.storage_backend.mem_pool import LocalCPUPool
+
+DEFAULT_SHAPE = (32, 2, 256, 8, 128)  # a Llama-3-8B chunk: 32 MiB in bf16
+
+
+@dataclass
+class Result:
+    """One measured figure, with its baseline from the same run where there is one."""
+
+    metric: str
+    backend: str
+    value: float
+    unit: str
+    baseline: float | None = None
+    baseline_name: str = ""
+    ratio: float | None = None  # value relative to baseline, "higher is better" oriented
+    target: float | None = None  # the ratio the design asks for
+    note: str = ""
+
+    @property
+    def meets_target(self) -> bool | None:
+        """Whether the ratio reaches its target (None where there is no target)."""
+        if self.target is None or self.ratio is None:
+            return None
+        return self.ratio >= self.target
+
+
+@dataclass
+class Options:
+    """What to benchmark and how long."""
+
+    shape: tuple[int, int, int, int, int] = DEFAULT_SHAPE
+    dtype: str = "bfloat16"
+    pool_gib: float = 2.0
+    backends: Sequence[str] = ()
+    repeat: int = 7
+    ops: int = 50_000
+    big_pool_gib: float = 16.0
+    progress: TextIO | None = sys.stderr
+
+
+def shape_only(backend: str, shape: tuple[int, ...], dtype: str) -> Any:
+    """Return a chunk with the right shape and dtype and no memory: all that ``allocate`` reads.
+
+    torch gets a ``meta`` tensor, JAX a ``ShapeDtypeStruct``, numpy a zero-strided view of one element,
+    so a benchmark of allocate measures the pool and not the making of its argument.
+    """
+    if backend == "torch":
+        import torch
+
+        return torch.empty(shape, dtype=getattr(torch, dtype), device="meta")
+    if backend == "jax":
+        import jax
+
+        return jax.ShapeDtypeStruct(shape, getattr(jax.numpy, dtype))  # type: ignore[no-untyped-call]
+    zero = np.zeros(1, dtype=KV_DTYPES[dtype].numpy_dtype)
+    return np.lib.stride_tricks.as_strided(zero, shape, (0,) * len(shape))
+
+
+def filled(backend: str, shape: tuple[int, ...], dtype: str) -> Any:
+    """Return an array of ``backend`` with small pseudo-random values (seed 0), resident in memory.
+
+    The values are integers below 60, exact in every KV dtype, so round trips can be compared bit for
+    bit; the same arguments give the same bytes in every framework.
+    """
+    spec = KV_DTYPES[dtype]
+    host = np.random.default_rng(0).integers(0, 60, size=shape, dtype=np.uint8).astype(spec.numpy_dtype)
+    if backend == "torch":
+        import torch
+
+        return torch.from_numpy(host.view(spec.bits_dtype)).view(getattr(torch, dtype)).clone()
+    if backend == "jax":
+        import jax.numpy as jnp
+
+        return jnp.asarray(host).block_until_ready()
+    return host
+
+
+def pool(backend: str, shape: tuple[int, ...], dtype: str, gib: float, **kw: Any) -> Any:
+    """Return an unpinned CPU pool of ``gib`` GiB, typed Any: the benchmark loops call it without None
+    checks (pools are sized to fit). ``kw`` goes to :class:`LocalCPUPool` (e.g. ``thread_safe``)."""
+    meta = LMCacheMemPoolMetadata(shape, dtype, gib)  # type: ignore[arg-type]
+    return LocalCPUPool(meta, backend=backend, pin_memory=False, **kw)
+
+
+def timed(fn: Callable[[], object], calls: int = 1) -> Callable[[], float]:
+    """Return a trial for :func:`best`: it calls ``fn`` ``calls`` times and returns seconds per call.
+
+    Use ``calls > 1`` where one call is too short to time reliably.
+    """
+
+    def trial() -> float:
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        return (time.perf_counter() - start) / calls
+
+    return trial
+
+
+def best(trials: dict[str, Callable[[], float]], repeat: int) -> dict[str, float]:
+    """Run the trials interleaved ``repeat`` times; return the best (lowest) time of each.
+
+    The garbage collector is off while a trial runs, as in ``timeit``: a collection's cost depends on
+    every object the process holds, not on the code measured.
+    """
+    lowest = {name: math.inf for name in trials}
+    enabled = gc.isenabled()
+    try:
+        for _ in range(repeat):
+            for name, trial in trials.items():
+                gc.collect()
+                gc.disable()
+                lowest[name] = min(lowest[name], trial())
+                gc.enable()
+    finally:
+        if enabled:
+            gc.enable()
+        else:
+            gc.disable()
+    return lowest
+
+
+__all__ = ["DEFAULT_SHAPE", "Options", "Result", "best", "filled", "pool", "shape_only", "timed"]
