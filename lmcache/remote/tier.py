@@ -115,12 +115,27 @@ class RedisTier:
         xxh3()  # xxhash missing: BackendUnavailableError now, not at the first write
         self._url = self._connections.url
         self.key_prefix = key_prefix
-        self.ttl = ttl
-        self.queue_size = queue_size
-        self.batch_bytes = batch_bytes
+        self._ttl = ttl
+        self._queue_size = queue_size
+        self._batch_bytes = batch_bytes
         self._writer = Writer(
             self._connections, self._counters, queue_size=queue_size, batch_bytes=batch_bytes, ttl=ttl
         )
+
+    @property
+    def ttl(self) -> float | None:
+        """Seconds a written chunk lives on the server (None: until evicted); fixed when the tier is built."""
+        return self._ttl
+
+    @property
+    def queue_size(self) -> int:
+        """The most writes waiting for the writer; fixed when the tier is built."""
+        return self._queue_size
+
+    @property
+    def batch_bytes(self) -> int:
+        """The most bytes of writes (and of reads, in ChunkCache) per round trip; fixed when built."""
+        return self._batch_bytes
 
     @property
     def client(self) -> Any:
