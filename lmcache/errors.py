@@ -82,6 +82,11 @@ class BenchmarkError(MemPoolError, RuntimeError):
     for its chunk, a cache that lost chunks, a server that did not start); the message says which."""
 
 
+class RemoteValueError(MemPoolError, ValueError):
+    """A value read from the remote tier does not match what the reader expects (format, dtype, shape,
+    length, checksum); :mod:`lmcache.remote` counts it as corrupt and never returns it."""
+
+
 __all__ = [
     "BackendUnavailableError",
     "BenchmarkError",
@@ -98,6 +103,7 @@ __all__ = [
     "NotPicklableError",
     "PoolClosedError",
     "PoolTooLargeError",
+    "RemoteValueError",
     "StaleHandleError",
     "TokensTypeError",
     "TokensValueError",

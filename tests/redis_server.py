@@ -1,4 +1,5 @@
-"""A real ``redis-server`` for the remote tier's tests, on a free 127.0.0.1 port, persistence off.
+"""A real ``redis-server`` for the remote tier's tests, on a free 127.0.0.1 port, persistence off, and
+the helpers those tests share (:func:`tier_for`, :func:`wait_until`, :func:`chunk_shape`).
 
 :func:`require_redis` (and :func:`require_client`, for tests that need no server) are the suite's one
 way to skip these tests, in the style of :func:`kvtest.require`: where ``LMCACHE_REQUIRE_BACKENDS`` names
@@ -17,15 +18,45 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from kvtest import REQUIRED
+from kvtest import REQUIRED, SMALL_SHAPE
+
+if TYPE_CHECKING:
+    from lmcache.remote import RedisTier
 
 HOST = "127.0.0.1"  # the only address these tests ever contact
 PEER = Path(__file__).with_name("remote_peer.py")
+SECRET = "s3cret-Pa55word"  # a password that must never show in a repr, a log line or an error
+
+
+def tier_for(url: str, **kwargs: Any) -> RedisTier:
+    """A tier with short timeouts, so fault tests finish in well under a second per fault."""
+    from lmcache.remote import RedisTier
+
+    require_redis()
+    options: dict[str, Any] = {"socket_timeout": 0.5, "connect_timeout": 0.5, "backoff_max": 0.2}
+    options.update(kwargs)
+    return RedisTier(url, **options)
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll ``condition`` every 20 ms for up to ``seconds``; return its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
+
+
+def chunk_shape(tokens: int) -> tuple[int, int, int, int, int]:
+    """:data:`kvtest.SMALL_SHAPE` with ``tokens`` tokens."""
+    return (SMALL_SHAPE[0], SMALL_SHAPE[1], tokens, SMALL_SHAPE[3], SMALL_SHAPE[4])
 
 
 def require_redis() -> str:

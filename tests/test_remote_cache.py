@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
 
 import numpy as np
 import pytest
@@ -22,27 +20,11 @@ from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import require, same_bits, to_native
 from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ConfigError
-from lmcache.remote import HEADER, RedisTier
-from redis_server import HOST, RedisServer, free_port, require_redis, run_peer
+from lmcache.remote import HEADER
+from redis_server import HOST, RedisServer, free_port, require_redis, run_peer, tier_for, wait_until
 
 PROMPT = [5 * i + 1 for i in range(3 * CHUNK + 7)]  # 3 full chunks and a partial one
 CHUNKS = 4
-
-
-def tier_for(url: str, **kwargs: Any) -> RedisTier:
-    require_redis()
-    options: dict[str, Any] = {"socket_timeout": 0.5, "connect_timeout": 0.5, "backoff_max": 0.2}
-    options.update(kwargs)
-    return RedisTier(url, **options)
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def test_write_through_then_read_through_into_an_empty_cache(redis_server: RedisServer, backend: str) -> None:

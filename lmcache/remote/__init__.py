@@ -3,20 +3,22 @@
 - :mod:`lmcache.remote.format`, the value format: a 64-byte header (magic, format version, dtype, shape,
   payload length, ``xxh3_64`` checksum over key, header and payload) followed by the chunk's bytes
   exactly as they lie in its slot. A value that does not match is a miss, counted, never returned.
-- :mod:`lmcache.remote.tier`, :class:`RedisTier`: queued writes from a background thread, pipelined
-  reads, capped backoff, counters, and credentials kept out of every repr, log line and error message.
+- :mod:`lmcache.remote.tier`, :class:`RedisTier`: the client, put together from
+  :mod:`~lmcache.remote.connections` (the redis-py client, connections, capped backoff, and credentials
+  kept out of every repr, log line and error message), :mod:`~lmcache.remote.writer` (queued writes
+  sent by a background thread) and :mod:`~lmcache.remote.stats` (the counters).
 - :mod:`lmcache.remote.replies`, :class:`FetchStream`: pipelined ``GET`` replies read from the socket
-  straight into pool slots.
+  straight into pool slots; it reaches its tier only through the :class:`StreamHost` protocol.
 
 ``ChunkCache(pool, remote=...)`` uses it to write through and read through (:mod:`lmcache.chunk_cache`).
 Importing this package imports neither ``redis`` nor ``xxhash``: a tier imports them when it is built.
 """
 
+from lmcache.errors import RemoteValueError
 from lmcache.remote.format import (
     FORMAT_VERSION,
     HEADER,
     MAGIC,
-    RemoteValueError,
     byte_view,
     check_header,
     decode_value,
@@ -24,7 +26,7 @@ from lmcache.remote.format import (
     payload_bytes,
     verify_checksum,
 )
-from lmcache.remote.replies import FetchStream
+from lmcache.remote.replies import FetchStream, StreamHost
 from lmcache.remote.tier import RedisTier, RemoteStats, redact_url
 
 __all__ = [
@@ -35,6 +37,7 @@ __all__ = [
     "RedisTier",
     "RemoteStats",
     "RemoteValueError",
+    "StreamHost",
     "byte_view",
     "check_header",
     "decode_value",

@@ -1,0 +1,68 @@
+"""The remote tier's counters: :class:`RemoteStats` (a snapshot) and :class:`Counters` (the live ones).
+
+Every part of the tier (reads, streams, the writer, connection health) adds to one :class:`Counters`
+object, which takes its own lock for each change, so no part writes another's state.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from lmcache.errors import ConfigError
+
+#: The names :meth:`Counters.add` accepts.
+COUNTERS = ("hits", "misses", "writes", "errors", "dropped", "corrupt")
+
+
+@dataclass(frozen=True)
+class RemoteStats:
+    """Counters of a :class:`~lmcache.remote.RedisTier`, since it was built.
+
+    Attributes:
+        hits: chunks fetched and validated.
+        misses: chunks asked for and not on the server (or unreadable because it was unreachable).
+        writes: chunks written.
+        errors: failed operations (a connection refused, a timeout, a refused password, a server error).
+        dropped: queued writes that were never written (queue full, failed write, closed tier).
+        corrupt: values rejected by validation (never returned).
+        pending: writes queued now, not yet written or dropped.
+        connected: whether the last operation reached the server.
+    """
+
+    hits: int
+    misses: int
+    writes: int
+    errors: int
+    dropped: int
+    corrupt: int
+    pending: int
+    connected: bool
+
+
+class Counters:
+    """The live counters of one tier, safe to add to from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counts = dict.fromkeys(COUNTERS, 0)  # changed only by add(), under _lock
+
+    def add(self, name: str, count: int = 1) -> None:
+        """Add ``count`` to the counter ``name`` (one of :data:`COUNTERS`).
+
+        Raises:
+            ConfigError: ``name`` is not a counter (nothing is changed).
+        """
+        if name not in self._counts:
+            raise ConfigError(f"no remote counter {name!r}; use one of {list(COUNTERS)}")
+        with self._lock:
+            self._counts[name] += count
+
+    def snapshot(self, *, pending: int, connected: bool) -> RemoteStats:
+        """Return the counters (a consistent snapshot), with the writer's ``pending`` and the link's
+        ``connected`` (which the writer and the connections own)."""
+        with self._lock:
+            return RemoteStats(**self._counts, pending=pending, connected=connected)
+
+
+__all__ = ["COUNTERS", "Counters", "RemoteStats"]
