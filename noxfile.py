@@ -85,7 +85,8 @@ def remote(session: nox.Session) -> None:
     session.install(*TORCH)
     session.install(".[all,redis]", *TEST_DEPS)
     env = {"LMCACHE_REQUIRE_BACKENDS": "numpy,torch,jax,redis"}
-    session.run("pytest", "tests/test_remote.py", "tests/test_remote_cache.py", *session.posargs, env=env)
+    remote_tests = ["tests/test_remote_format.py", "tests/test_remote_tier.py", "tests/test_remote_faults.py"]
+    session.run("pytest", *remote_tests, "tests/test_remote_cache.py", *session.posargs, env=env)
     session.run("python", "-m", "lmcache", "bench", "--quick", "--backend=numpy")
 
 

@@ -389,3 +389,18 @@ def test_threads_share_a_server_without_wrong_bytes(redis_server: RedisServer) -
             assert n == len(tokens)
             assert same_bits(out, prefix_kv(tokens))
         assert (tier.stats().corrupt, tier.stats().errors) == (0, 0)
+
+
+def test_flush_returns_only_once_written_chunks_are_unpinned(redis_server: RedisServer) -> None:
+    """When flush() returns True, no chunk it waited for is still pinned (found by review: the writer
+    woke flush() before running on_done, so 57 of 300 rounds saw pinned chunks after flush)."""
+    tier = tier_for(redis_server.url, key_prefix=f"flush{time.monotonic_ns()}:")
+    try:
+        for round_ in range(60):
+            cache = ChunkCache(cache_pool(slots=8), remote=tier, namespace=str(round_))
+            tokens = list(range(round_, round_ + 2 * CHUNK))
+            cache.store(tokens, prefix_kv(tokens))
+            assert cache.flush(5)
+            assert cache.stats().pinned == 0
+    finally:
+        tier.close()

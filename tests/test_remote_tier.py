@@ -390,3 +390,22 @@ def test_bench_section_measures_against_raw_commands() -> None:
         assert result.ratio is not None
         assert result.baseline is not None
         assert result.ratio == pytest.approx(result.value / result.baseline)
+
+
+def test_passwords_with_at_signs_and_bad_urls_never_leak(caplog: pytest.LogCaptureFixture) -> None:
+    """redis-py splits user info at the LAST '@': so must the redaction (found by review: ':p@ssw0rd@'
+    printed as '***@ssw0rd@'). A malformed URL is a ConfigError, not urlsplit's ValueError."""
+    require_redis()
+    secret = "p@ssw0rd"
+    url = f"redis://:{secret}@{HOST}:{free_port()}/0"
+    tier = remote.RedisTier(url, socket_timeout=0.2, connect_timeout=0.2)
+    try:
+        assert "ssw0rd" not in repr(tier)
+        assert remote.redact_url(url) == f"redis://***@{HOST}:{url.rsplit(':', 1)[1]}"
+        tier.probe([b"k"], "float16", [(1, 1, 1, 1, 1)])  # a closed port: logged, counted, never raised
+        assert "ssw0rd" not in caplog.text
+    finally:
+        tier.close()
+    with pytest.raises(ConfigError) as info:
+        remote.RedisTier(f"redis://:{secret}@[::1/0")
+    assert "ssw0rd" not in str(info.value)

@@ -26,7 +26,8 @@ from lmcache.remote.stats import Counters
 
 logger = logging.getLogger("lmcache.remote")
 
-_USERINFO = re.compile(r"(?<=://)[^@/\s]*@")
+# Up to the LAST "@" before the path, as redis-py and urlsplit split user info ("redis://:p@ss@host").
+_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
 
 
 def redact_url(url: str) -> str:
@@ -82,13 +83,19 @@ class Connections:
             # backoff and must never block a caller on retries.
             "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         }
-        parsed = urllib.parse.urlsplit(url)
+        try:
+            parsed = urllib.parse.urlsplit(url)
+            parsed.port  # noqa: B018 - a bad port raises here, not later in redis-py
+        except ValueError as exc:
+            raise ConfigError(f"not a valid server URL ({redact_url(url)}): {exc}") from None
         if parsed.password is None and os.environ.get("REDIS_PASSWORD"):
             options["password"] = os.environ["REDIS_PASSWORD"]
             if parsed.username is None and os.environ.get("REDIS_USERNAME"):
                 options["username"] = os.environ["REDIS_USERNAME"]
         options.update(client_options or {})
-        self._secrets = [s for s in (parsed.password, options.get("password")) if s]
+        # The password as written (percent-encoded) and as sent: neither may appear in a message.
+        raw = parsed.password
+        self._secrets = [s for s in (raw, raw and urllib.parse.unquote(raw), options.get("password")) if s]
         if parsed.scheme.startswith("valkey"):
             url = "redis" + url[len("valkey") :]
         try:

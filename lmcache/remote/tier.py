@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import logging
 import time
-import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -84,7 +83,7 @@ class RedisTier:
                 f"url must be a string such as 'redis://127.0.0.1:6379/0', got {type(url).__name__}"
             )
         shown = redact_url(url)
-        scheme = urllib.parse.urlsplit(url).scheme
+        scheme = url.partition("://")[0].lower() if "://" in url else ""
         if scheme not in ("redis", "rediss", "unix", "valkey", "valkeys"):
             raise ConfigError(f"url {shown!r} must start with redis://, rediss:// or unix://")
         if not isinstance(key_prefix, str):

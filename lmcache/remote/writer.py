@@ -210,12 +210,14 @@ class Writer:
             except Exception:  # the writer must outlive any bug: the queue would never drain again
                 logger.exception("remote writer failed on a batch of %d writes", len(batch))
             finally:
-                with self._lock:  # counted as the batch leaves ``pending``
+                # Each write's on_done first (it unpins the chunk), then the batch leaves ``pending``
+                # and flush() wakes: when flush returns True, nothing it waited for is still pinned.
+                for write in batch:
+                    finish(write, sent)
+                with self._lock:
                     self._counters.add("writes" if sent else "dropped", len(batch))
                     self._in_flight = 0
                     self._changed.notify_all()
-                for write in batch:
-                    finish(write, sent)
 
     def _send_batch(self, conn: Any, batch: list[Write]) -> bool:
         """Send SETs for ``batch`` on ``conn`` in one round trip; True when every one was stored.
