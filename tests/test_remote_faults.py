@@ -136,29 +136,35 @@ def test_stream_with_the_server_down_misses_and_counts() -> None:
 
 
 # -- writes that cannot all be sent --------------------------------------------------------------------
-def test_queue_full_drops_the_oldest_write() -> None:
-    url = f"redis://{HOST}:{free_port()}/0"
+def test_queue_full_drops_the_oldest_write(redis_server: RedisServer) -> None:
+    """A paused server holds the first write in flight; the queue of 2 then drops its oldest write. When
+    the send fails, what is queued is dropped too (it would wait out the backoff with its chunks pinned),
+    and a write submitted during the backoff is dropped at once."""
     chunk = random_bits(SHAPE, "float16")
     done: list[tuple[bytes, bool]] = []
-    tier = tier_for(url, queue_size=2, backoff_initial=30.0, backoff_max=30.0)
+    tier = tier_for(
+        redis_server.url, queue_size=2, socket_timeout=3.0, backoff_initial=30.0, backoff_max=30.0
+    )
+    redis_server.pause()
     try:
         tier.submit(b"first", chunk, "float16", SHAPE, lambda sent: done.append((b"first", sent)))
-        assert wait_until(lambda: done == [(b"first", False)])  # failed: the writer now backs off 30 s
-        assert tier.stats().errors == 1
-        assert tier.flush(0.0)
+        time.sleep(0.3)  # the writer takes it and hangs on the paused server
         for key in (b"a", b"b", b"c"):
             tier.submit(key, chunk, "float16", SHAPE, lambda sent, key=key: done.append((key, sent)))
-        assert done == [(b"first", False), (b"a", False)]
-        assert tier.stats().dropped == 2
-        assert tier.stats().pending == 2
+        assert done == [(b"a", False)]
+        assert tier.stats().dropped == 1
+        assert tier.stats().pending == 3  # first in flight, b and c queued
         assert tier.flush(0.05) is False
+        assert wait_until(lambda: len(done) == 4)  # the send timed out: everything is dropped
+        assert sorted(done[1:]) == [(b"b", False), (b"c", False), (b"first", False)]
+        assert tier.stats().dropped == 4
+        assert tier.stats().pending == 0
+        tier.submit(b"late", chunk, "float16", SHAPE, lambda sent: done.append((b"late", sent)))
+        assert done[-1] == (b"late", False)  # in the backoff: dropped at once, nothing stays pinned
+        assert tier.stats().dropped == 5
     finally:
+        redis_server.resume()
         tier.close(timeout=0.1)
-    assert done[2:] == [(b"b", False), (b"c", False)]
-    assert tier.stats().dropped == 4
-    assert tier.stats().pending == 0
-    tier.submit(b"late", chunk, "float16", SHAPE, lambda sent: done.append((b"late", sent)))
-    assert done[-1] == (b"late", False)
 
 
 def test_a_failing_callback_does_not_stop_the_writer(redis_server: RedisServer) -> None:

@@ -122,10 +122,16 @@ class Writer:
             return self._counters.snapshot(pending=len(self._queue) + self._in_flight, connected=connected)
 
     def submit(self, write: Write) -> None:
-        """Queue ``write``; when the queue is full drop the oldest one, and after :meth:`stop` this one."""
+        """Queue ``write``; when the queue is full drop the oldest one, and after :meth:`stop` this one.
+
+        While the server is known to be unreachable (the link backs off after a failure) the write is
+        dropped at once: queued, it would keep its chunk pinned until the backoff ends and the send fails
+        again, and a hung server would then stall local caching for as long.
+        """
         displaced = None
+        unreachable = self._link.backoff_left() > 0
         with self._lock:
-            if self._closed:
+            if self._closed or unreachable:
                 displaced = write
             else:
                 if len(self._queue) >= self._queue_size:
@@ -212,8 +218,16 @@ class Writer:
             finally:
                 # Each write's on_done first (it unpins the chunk), then the batch leaves ``pending``
                 # and flush() wakes: when flush returns True, nothing it waited for is still pinned.
+                dropped: list[Write] = []
+                if not sent:  # the server failed: what is queued would wait out the backoff, pinned
+                    with self._lock:
+                        dropped = list(self._queue)
+                        self._queue.clear()
+                        self._counters.add("dropped", len(dropped))
                 for write in batch:
                     finish(write, sent)
+                for write in dropped:
+                    finish(write, False)
                 with self._lock:
                     self._counters.add("writes" if sent else "dropped", len(batch))
                     self._in_flight = 0
