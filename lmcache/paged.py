@@ -35,6 +35,7 @@ import numpy as np
 from lmcache.dtypes import DTypeSpec, normalize_dtype
 from lmcache.errors import BackendUnavailableError, ChunkShapeError, ChunkTypeError, ConfigError
 from lmcache.layout import SlotLayout
+from lmcache.registry import detect_framework
 
 #: Every paged layout, and the frameworks each accepts.
 LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -106,13 +107,9 @@ class PagedSpec:
 
 
 def framework_of_array(obj: object) -> str | None:
-    """Name the framework of a torch or JAX array by its type's module; None for anything else."""
-    root = (type(obj).__module__ or "").partition(".")[0]
-    if root == "torch":
-        return "torch"
-    if root in ("jax", "jaxlib"):
-        return "jax"
-    return None
+    """Name the framework of a torch or JAX array (subclasses too); None for anything else."""
+    framework = detect_framework(obj)
+    return framework if framework in ("torch", "jax") else None
 
 
 def _shape_of(array: Any, what: str, framework: str) -> tuple[int, ...]:
@@ -287,8 +284,10 @@ def _as_int_array(block_ids: Any) -> np.ndarray:
         raise ChunkTypeError(f"block_ids must be 1-D, got shape {ids.shape}")
     if ids.size == 0:
         return np.zeros(0, np.int64)
-    if ids.dtype.kind not in "iu":
-        raise ChunkTypeError(f"block_ids must be integers, got dtype {ids.dtype}")
+    if ids.dtype.kind not in "iu" or (
+        isinstance(block_ids, (list, tuple)) and any(isinstance(i, bool) for i in block_ids)
+    ):
+        raise ChunkTypeError(f"block_ids must be integer ids (not bools or floats), got dtype {ids.dtype}")
     return ids
 
 

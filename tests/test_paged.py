@@ -69,12 +69,12 @@ def test_block_table_takes_sequences_and_arrays() -> None:
         ([1, 10, 2], 9, ChunkShapeError, "block id 10 is out of range"),
         ([1, -1, 2], 9, ChunkShapeError, "block id -1 is out of range"),
         ([1, 2, 1], 9, ChunkShapeError, "block id 1 appears twice"),
-        ([1.0, 2.0, 3.0], 9, ChunkTypeError, "must be integers"),
+        ([1.0, 2.0, 3.0], 9, ChunkTypeError, "must be integer ids"),
         ([[1, 2, 3]], 9, ChunkTypeError, "must be 1-D"),
         ("123", 9, ChunkTypeError, "1-D sequence of integers"),
         (3, 9, ChunkTypeError, "1-D sequence of integers"),
         (None, 9, ChunkTypeError, "1-D sequence of integers"),
-        ([True, False, True], 9, ChunkTypeError, "must be integers"),
+        ([True, False, True], 9, ChunkTypeError, "must be integer ids"),
     ],
 )
 def test_block_table_errors(ids: Any, tokens: int, error: type[Exception], match: str) -> None:

@@ -133,7 +133,8 @@ def test_store_paged_has_store_semantics() -> None:
         ([0, 1], ChunkShapeError, "need 3 block ids, got 2"),
         ([0, 1, 16], ChunkShapeError, "block id 16 is out of range"),
         ([0, 1, 0], ChunkShapeError, "block id 0 appears twice"),
-        ([0.0, 1.0, 2.0], ChunkTypeError, "must be integers"),
+        ([0.0, 1.0, 2.0], ChunkTypeError, "must be integer ids"),
+        ([0, True, 2], ChunkTypeError, "not bools"),
     ],
 )
 def test_bad_block_tables_raise_before_anything_changes(ids: Any, error: type[Exception], match: str) -> None:
