@@ -32,7 +32,6 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from functools import partial
 from hashlib import blake2b
 from typing import Any
@@ -48,6 +47,7 @@ from lmcache.cache_keys import (
     root_key,
     token_ids,
 )
+from lmcache.cache_records import CacheEntry, CacheStats, Lease, ShapeOnly
 from lmcache.checks import check_array
 from lmcache.errors import CacheInvariantError, ChunkShapeError, ChunkTypeError, ConfigError
 from lmcache.paged import PagedRequest, check_distinct_layers
@@ -58,128 +58,6 @@ from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
 _FRAMEWORKS = ("numpy", "torch", "jax")
 _OUTPUT_ALIGNMENT = 256  # JAX aliases host memory only at 64-byte aligned addresses
-
-
-@dataclass(frozen=True)
-class CacheStats:
-    """A consistent snapshot of a :class:`ChunkCache`'s counters.
-
-    Attributes:
-        chunks: chunks cached now.
-        leased: chunks pinned by at least one lease now.
-        pinned: chunks pinned now by leases or by running ``store`` / ``retrieve`` calls.
-        stored: chunks copied in, ever.
-        evicted: chunks dropped to make room, ever.
-        cleared: chunks dropped by :meth:`ChunkCache.clear`, ever.
-        hit_tokens: tokens found, over ``lookup``, ``retrieve`` and ``lease`` calls.
-        query_tokens: tokens asked for, over ``lookup``, ``retrieve`` and ``lease`` calls.
-        remote_hits: chunks fetched from the remote tier (0 without one; the tier's counters, shared by
-            every cache that uses the same tier object).
-        remote_writes: chunks written to the remote tier.
-        remote_errors: failed remote operations (server down, slow, refusing credentials).
-        remote_dropped: remote writes dropped (queue full, failed write, closed tier).
-        remote_corrupt: remote values rejected (wrong format, dtype, shape, length or checksum).
-    """
-
-    chunks: int
-    leased: int
-    pinned: int
-    stored: int
-    evicted: int
-    cleared: int
-    hit_tokens: int
-    query_tokens: int
-    remote_hits: int = 0
-    remote_writes: int = 0
-    remote_errors: int = 0
-    remote_dropped: int = 0
-    remote_corrupt: int = 0
-
-    @property
-    def hit_rate(self) -> float:
-        """``hit_tokens / query_tokens`` (0.0 before any query)."""
-        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
-
-
-class _Entry:
-    """One cached chunk. Fields change only under the cache's lock."""
-
-    __slots__ = ("children", "key", "leases", "num_tokens", "obj", "parent", "pins")
-
-    def __init__(self, key: bytes, obj: KVObj, parent: _Entry | None, num_tokens: int) -> None:
-        self.key = key
-        #: The pool slot holding the chunk's bytes (the cache owns it).
-        self.obj = obj
-        #: The entry of the previous chunk of the prefix; None for a first chunk.
-        self.parent = parent
-        #: Cached chunks that extend this one.
-        self.children = 0
-        #: Pins by leases, running stores and running retrieves; evictable only at 0.
-        self.pins = 0
-        #: Pins by leases alone (for ``stats().leased``).
-        self.leases = 0
-        self.num_tokens = num_tokens
-
-
-class _ShapeOnly:
-    """What ``pool.allocate`` reads from a chunk: its shape and dtype, with no memory behind it."""
-
-    __slots__ = ("dtype", "shape")
-
-    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
-        self.shape = shape
-        self.dtype = dtype
-
-
-class Lease:
-    """Chunks of a cached prefix, pinned until :meth:`release` (or the end of a ``with`` block).
-
-    Attributes:
-        chunks: the prefix's chunks in order, as :class:`KVObj` views of the pool's slots (zero-copy;
-            ``as_torch()``, ``as_jax()``, ``as_numpy()`` work). They belong to the cache: read them, do
-            not free or write them.
-        num_tokens: tokens the chunks hold (0 on a miss).
-
-    A leased chunk is never evicted, cleared or overwritten. Leases count: two leases of one chunk need
-    two releases. Release every lease: a forgotten one keeps its slots pinned for the cache's life.
-    ``release()`` empties ``chunks``: from then on the slots may be reused for other chunks (an evicted
-    slot is handed to the next chunk of the same length without going back to the pool), so views taken
-    from a released lease must not be read.
-    """
-
-    __slots__ = ("_chain", "_flip", "_on_release", "chunks", "num_tokens")
-
-    def __init__(self, chain: list[_Entry], on_release: Callable[[list[_Entry]], None]) -> None:
-        """Hold ``chain`` (pinned by the cache); ``on_release(chain)`` unpins it, once."""
-        self._chain: list[_Entry] | None = chain
-        self._on_release = on_release
-        self._flip = threading.Lock()  # release() from two threads: exactly one unpins
-        self.chunks: list[KVObj] = [entry.obj for entry in chain]
-        self.num_tokens: int = sum(entry.num_tokens for entry in chain)
-
-    @property
-    def released(self) -> bool:
-        """Whether :meth:`release` was called."""
-        return self._chain is None
-
-    def release(self) -> None:
-        """Unpin the chunks and mark them recently used; calling it again does nothing."""
-        with self._flip:
-            chain, self._chain = self._chain, None
-            if chain is None:
-                return
-            self.chunks = []  # their slots may hold other chunks from now on
-        self._on_release(chain)
-
-    def __enter__(self) -> Lease:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
-
-    def __repr__(self) -> str:
-        state = "released" if self._chain is None else "held"
-        return f"Lease({len(self.chunks)} chunks, {self.num_tokens} tokens, {state})"
 
 
 class ChunkCache:
@@ -247,11 +125,11 @@ class ChunkCache:
         self._chunk_size = pool.chunk_size
         self._host = pool.device == "cpu"
         self._lock = threading.Lock()
-        self._entries: dict[bytes, _Entry] = {}
+        self._entries: dict[bytes, CacheEntry] = {}
         # Evictable entries (pins == 0), least recently used first; see the class docstring.
-        self._lru: OrderedDict[bytes, _Entry] = OrderedDict()
+        self._lru: OrderedDict[bytes, CacheEntry] = OrderedDict()
         self._like = [
-            _ShapeOnly(self._layout.view_shape(n), self._layout.dtype.numpy_dtype)
+            ShapeOnly(self._layout.view_shape(n), self._layout.dtype.numpy_dtype)
             for n in range(self._chunk_size + 1)
         ]
         self._leased = 0
@@ -467,9 +345,9 @@ class ChunkCache:
         are queued for the remote tier when ``write_through`` (not when they came from it).
         """
         chunk_size = self._chunk_size
-        chain: list[_Entry] = []
-        new: list[_Entry] = []
-        hold: list[_Entry] = []
+        chain: list[CacheEntry] = []
+        new: list[CacheEntry] = []
+        hold: list[CacheEntry] = []
         lock, entries = self._lock, self._entries
         pool_full = False
         try:
@@ -506,7 +384,7 @@ class ChunkCache:
                         self._pin(entry)
                         chain.append(entry)
                     else:
-                        entry = _Entry(key, obj, chain[-1] if chain else None, num_tokens)
+                        entry = CacheEntry(key, obj, chain[-1] if chain else None, num_tokens)
                         entry.pins = 1
                         if entry.parent is not None:
                             entry.parent.children += 1
@@ -640,11 +518,11 @@ class ChunkCache:
 
     def _pin_prefix(
         self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
-    ) -> list[_Entry]:
+    ) -> list[CacheEntry]:
         """Pin (and count) the longest cached prefix of ``ids``; raise if it is longer than ``limit`` or
         ``check(num_tokens)`` raises (both before anything is pinned or counted)."""
         candidates = self._cached_keys(ids)
-        chain: list[_Entry] = []
+        chain: list[CacheEntry] = []
         with self._lock:
             entries = self._entries
             for key in candidates:  # the prefix may have shrunk since the unlocked walk
@@ -670,7 +548,7 @@ class ChunkCache:
             self._query_tokens += len(ids)
         return chain
 
-    def _release_chain(self, chain: list[_Entry]) -> None:
+    def _release_chain(self, chain: list[CacheEntry]) -> None:
         """Take back one lease of each chunk of ``chain`` (a :class:`Lease` calls this once)."""
         with self._lock:
             for entry in chain:
@@ -708,7 +586,7 @@ class ChunkCache:
             raise ChunkTypeError("out requires grad; pass a tensor that does not (or out.detach())")
         return int(shape[2])
 
-    def _spans(self, chain: list[_Entry]) -> Iterator[tuple[int, _Entry]]:
+    def _spans(self, chain: list[CacheEntry]) -> Iterator[tuple[int, CacheEntry]]:
         start = 0
         for entry in chain:
             yield start, entry
@@ -724,7 +602,7 @@ class ChunkCache:
                 return
         obj.copy_to(dst)
 
-    def _gather(self, chain: list[_Entry], num_tokens: int, framework: str) -> Any:
+    def _gather(self, chain: list[CacheEntry], num_tokens: int, framework: str) -> Any:
         """Copy the chain into a new contiguous array of ``framework`` (host or the pool's device)."""
         layout = self._layout
         shape = layout.view_shape(num_tokens)
@@ -767,7 +645,7 @@ class ChunkCache:
         size, total = self._chunk_size, len(ids)
         return [self._layout.view_shape(min(size, total - i * size)) for i in range(first, first + count)]
 
-    def _write_through(self, hold: list[_Entry], new: list[_Entry]) -> None:
+    def _write_through(self, hold: list[CacheEntry], new: list[CacheEntry]) -> None:
         """Queue ``new`` for the remote writer; unpin ``hold`` (their prefix) once all are sent or dropped.
 
         Called without the lock: the tier may call ``on_done`` at once (a full queue drops a write).
@@ -849,13 +727,13 @@ class ChunkCache:
             self._cleared += count
         return count
 
-    def _pin(self, entry: _Entry) -> None:
+    def _pin(self, entry: CacheEntry) -> None:
         """Pin ``entry`` (under the lock): it leaves the recency list while pinned."""
         if entry.pins == 0:
             del self._lru[entry.key]
         entry.pins += 1
 
-    def _unpin(self, chain: list[_Entry]) -> None:
+    def _unpin(self, chain: list[CacheEntry]) -> None:
         """Unpin a prefix tail-first (under the lock): entries whose last pin goes become the most
         recent, each parent after its children."""
         lru = self._lru
@@ -864,7 +742,7 @@ class ChunkCache:
             if entry.pins == 0:
                 lru[entry.key] = entry
 
-    def _drop_front(self) -> _Entry:
+    def _drop_front(self) -> CacheEntry:
         """Remove the least recently used evictable entry, a leaf by the ordering invariant, and return
         it; its slot is the caller's to free or reuse (under the lock)."""
         key, entry = self._lru.popitem(last=False)

@@ -1,0 +1,140 @@
+"""The chunk cache's records: its statistics, one cached chunk, and a lease on a cached prefix.
+
+Plain records and a small handle: :class:`~lmcache.chunk_cache.ChunkCache` owns every field of a
+:class:`CacheEntry` (it changes them under its lock), and a :class:`Lease` changes only its own state,
+handing its chain back through the callback the cache gave it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from lmcache.storage_backend.mem_pool.base_pool import KVObj
+
+
+@dataclass(frozen=True)
+class CacheStats:
+    """A consistent snapshot of a :class:`ChunkCache`'s counters.
+
+    Attributes:
+        chunks: chunks cached now.
+        leased: chunks pinned by at least one lease now.
+        pinned: chunks pinned now by leases or by running ``store`` / ``retrieve`` calls.
+        stored: chunks copied in, ever.
+        evicted: chunks dropped to make room, ever.
+        cleared: chunks dropped by :meth:`ChunkCache.clear`, ever.
+        hit_tokens: tokens found, over ``lookup``, ``retrieve`` and ``lease`` calls.
+        query_tokens: tokens asked for, over ``lookup``, ``retrieve`` and ``lease`` calls.
+        remote_hits: chunks fetched from the remote tier (0 without one; the tier's counters, shared by
+            every cache that uses the same tier object).
+        remote_writes: chunks written to the remote tier.
+        remote_errors: failed remote operations (server down, slow, refusing credentials).
+        remote_dropped: remote writes dropped (queue full, failed write, closed tier).
+        remote_corrupt: remote values rejected (wrong format, dtype, shape, length or checksum).
+    """
+
+    chunks: int
+    leased: int
+    pinned: int
+    stored: int
+    evicted: int
+    cleared: int
+    hit_tokens: int
+    query_tokens: int
+    remote_hits: int = 0
+    remote_writes: int = 0
+    remote_errors: int = 0
+    remote_dropped: int = 0
+    remote_corrupt: int = 0
+
+    @property
+    def hit_rate(self) -> float:
+        """``hit_tokens / query_tokens`` (0.0 before any query)."""
+        return self.hit_tokens / self.query_tokens if self.query_tokens else 0.0
+
+
+class CacheEntry:
+    """One cached chunk. Fields change only under the cache's lock."""
+
+    __slots__ = ("children", "key", "leases", "num_tokens", "obj", "parent", "pins")
+
+    def __init__(self, key: bytes, obj: KVObj, parent: CacheEntry | None, num_tokens: int) -> None:
+        self.key = key
+        #: The pool slot holding the chunk's bytes (the cache owns it).
+        self.obj = obj
+        #: The entry of the previous chunk of the prefix; None for a first chunk.
+        self.parent = parent
+        #: Cached chunks that extend this one.
+        self.children = 0
+        #: Pins by leases, running stores and running retrieves; evictable only at 0.
+        self.pins = 0
+        #: Pins by leases alone (for ``stats().leased``).
+        self.leases = 0
+        self.num_tokens = num_tokens
+
+
+class ShapeOnly:
+    """What ``pool.allocate`` reads from a chunk: its shape and dtype, with no memory behind it."""
+
+    __slots__ = ("dtype", "shape")
+
+    def __init__(self, shape: tuple[int, ...], dtype: Any) -> None:
+        self.shape = shape
+        self.dtype = dtype
+
+
+class Lease:
+    """Chunks of a cached prefix, pinned until :meth:`release` (or the end of a ``with`` block).
+
+    Attributes:
+        chunks: the prefix's chunks in order, as :class:`KVObj` views of the pool's slots (zero-copy;
+            ``as_torch()``, ``as_jax()``, ``as_numpy()`` work). They belong to the cache: read them, do
+            not free or write them.
+        num_tokens: tokens the chunks hold (0 on a miss).
+
+    A leased chunk is never evicted, cleared or overwritten. Leases count: two leases of one chunk need
+    two releases. Release every lease: a forgotten one keeps its slots pinned for the cache's life.
+    ``release()`` empties ``chunks``: from then on the slots may be reused for other chunks (an evicted
+    slot is handed to the next chunk of the same length without going back to the pool), so views taken
+    from a released lease must not be read.
+    """
+
+    __slots__ = ("_chain", "_flip", "_on_release", "chunks", "num_tokens")
+
+    def __init__(self, chain: list[CacheEntry], on_release: Callable[[list[CacheEntry]], None]) -> None:
+        """Hold ``chain`` (pinned by the cache); ``on_release(chain)`` unpins it, once."""
+        self._chain: list[CacheEntry] | None = chain
+        self._on_release = on_release
+        self._flip = threading.Lock()  # release() from two threads: exactly one unpins
+        self.chunks: list[KVObj] = [entry.obj for entry in chain]
+        self.num_tokens: int = sum(entry.num_tokens for entry in chain)
+
+    @property
+    def released(self) -> bool:
+        """Whether :meth:`release` was called."""
+        return self._chain is None
+
+    def release(self) -> None:
+        """Unpin the chunks and mark them recently used; calling it again does nothing."""
+        with self._flip:
+            chain, self._chain = self._chain, None
+            if chain is None:
+                return
+            self.chunks = []  # their slots may hold other chunks from now on
+        self._on_release(chain)
+
+    def __enter__(self) -> Lease:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __repr__(self) -> str:
+        state = "released" if self._chain is None else "held"
+        return f"Lease({len(self.chunks)} chunks, {self.num_tokens} tokens, {state})"
+
+
+__all__ = ["CacheEntry", "CacheStats", "Lease", "ShapeOnly"]
