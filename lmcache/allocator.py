@@ -190,6 +190,35 @@ class ChunkAllocator:
             if lock is not None:
                 lock.release()
 
+    def reissue_one(self, slot: int, generation: int) -> int:
+        """Hand ``slot``, held with ``generation``, to a new owner in one step; return the new ticket.
+
+        A release and an acquire of the same slot under one lock: the old ticket stops matching (the old
+        handle is stale), counted as one free and one allocation.
+
+        Raises:
+            DoubleFreeError, StaleHandleError, PoolClosedError: as :meth:`release_one`; nothing changes.
+        """
+        lock = self.lock
+        if lock is not None:
+            lock.acquire()
+        try:
+            gens = self._generation
+            if not (
+                slot.__class__ is int
+                and 0 <= slot < self.capacity
+                and generation > 0
+                and gens[slot] == generation
+                and not self._closed
+            ):
+                raise self.handle_error(slot, generation)
+            ticket = self.ticket = self.ticket + 1
+            gens[slot] = ticket
+            return ticket
+        finally:
+            if lock is not None:
+                lock.release()
+
     # -- batches -------------------------------------------------------------------------------------
     def acquire_many(self, count: int, count_failure: bool = True) -> tuple[list[int], int] | None:
         """Take ``count`` slots at once, or none: all-or-nothing.

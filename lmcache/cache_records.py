@@ -97,9 +97,10 @@ class Lease:
 
     A leased chunk is never evicted, cleared or overwritten. Leases count: two leases of one chunk need
     two releases. Release every lease: a forgotten one keeps its slots pinned for the cache's life.
-    ``release()`` empties ``chunks``: from then on the slots may be reused for other chunks (an evicted
-    slot is handed to the next chunk of the same length without going back to the pool), so views taken
-    from a released lease must not be read.
+    ``release()`` empties ``chunks``: from then on the slots may be reused for other chunks. A KVObj
+    kept from a released lease goes stale once its chunk is evicted (its slot goes back to the pool):
+    its ``data``, ``as_*()`` and copies then raise :class:`~lmcache.errors.StaleHandleError`. Arrays
+    taken from it earlier are plain views of memory that may hold another chunk by then: drop them.
     """
 
     __slots__ = ("_chain", "_flip", "_on_release", "chunks", "num_tokens")

@@ -442,8 +442,10 @@ class ChunkCache:
             pool_full = True
             victim = self._drop_front()
             self._evicted += 1
+            # The slot gets a new generation either way, so a KVObj kept from a released lease goes
+            # stale instead of reading the next chunk: reissued in one step for the same length.
             if victim.num_tokens == num_tokens:
-                return victim.obj, True  # the evicted slot, as it is: no free and allocate round trip
+                return self.pool.reissue(victim.obj), True
             self.pool.free(victim.obj)
             obj = self.pool.allocate(like)
         return obj, pool_full

@@ -106,6 +106,20 @@ class PoolModel(RuleBasedStateMachine):
             self.dead.append(self.live.pop(key)[0])
         self.frees += len(chosen)
 
+    @precondition(lambda self: bool(self.live))
+    @rule(data=st.data())
+    def reissue(self, data: st.DataObject) -> None:
+        """Free and allocate one slot in one step: the old handle is stale, the new one holds the bytes."""
+        key = data.draw(st.sampled_from(sorted(self.live)))
+        obj, content = self.live.pop(key)
+        new = self.pool.reissue(obj)
+        assert new.chunk_idx == obj.chunk_idx
+        assert new.is_live
+        assert not obj.is_live
+        self.dead.append(obj)
+        self.frees += 1
+        self._record(new, content)
+
     @precondition(lambda self: bool(self.dead))
     @rule(data=st.data())
     def free_dead_handle(self, data: st.DataObject) -> None:

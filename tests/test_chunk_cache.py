@@ -515,3 +515,25 @@ def test_the_cache_imports_no_framework() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=False, env=env
     )
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_a_kvobj_kept_from_a_released_lease_goes_stale_once_evicted(backend: str) -> None:
+    """An evicted slot goes back to the pool before its next chunk takes it, so a handle kept from a
+    released lease can never read the next chunk's bytes (found by review: it stayed live)."""
+    from lmcache.errors import StaleHandleError
+
+    require(backend)
+    cache = ChunkCache(cache_pool(backend, slots=2))
+    first = list(range(CHUNK))
+    cache.store(first, prefix_kv(first))
+    with cache.lease(first) as lease:
+        kept = lease.chunks[0]
+        assert same_bits(kept.data, prefix_kv(first))
+    for seed in (1, 2):  # two more one-chunk prompts: the pool of 2 slots evicts `first`
+        other = [seed * 10_000 + i for i in range(CHUNK)]
+        assert cache.store(other, prefix_kv(other)) == CHUNK
+    assert cache.lookup(first) == 0
+    with pytest.raises(StaleHandleError):
+        kept.data  # noqa: B018
+    with pytest.raises(StaleHandleError):
+        kept.as_numpy()

@@ -186,6 +186,24 @@ class LocalPool(BasePool):
         self._release_one(kv_obj.chunk_idx, kv_obj.generation)
 
     # -- beyond the LMCache v0 API -----------------------------------------------------------------
+    def reissue(self, kv_obj: KVObj) -> KVObj:
+        """Free ``kv_obj``'s slot and allocate it again in one step; return the new handle.
+
+        For layers that recycle a slot for new contents of the same length (a cache evicting a chunk for
+        the next one): ``kv_obj`` becomes stale, as after ``free``, so whoever still holds it can no
+        longer reach the slot; counted as one free and one allocation. Cheaper than ``free`` then
+        ``allocate``, and the slot cannot go to another owner in between.
+
+        Raises:
+            DoubleFreeError, StaleHandleError, ForeignHandleError: as :meth:`free`; nothing changes.
+        """
+        if kv_obj.__class__ is not KVObj and not isinstance(kv_obj, KVObj):
+            raise ForeignHandleError(f"reissue() takes a KVObj, got {type(kv_obj).__name__}")
+        if kv_obj.pool is not self:
+            raise self._foreign(kv_obj)
+        ticket = self._allocator.reissue_one(kv_obj.chunk_idx, kv_obj.generation)
+        return KVObj(kv_obj.chunk_idx, self.size_per_chunk, None, kv_obj.num_tokens, self, ticket)
+
     def allocate_batch(self, kv_chunks: Sequence[Any]) -> KVBatch | None:
         """Allocate a slot for each chunk, all or nothing.
 
