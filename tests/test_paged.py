@@ -117,19 +117,17 @@ def test_core_module_imports_no_framework() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
+def _dims(spec: Any) -> tuple[int, ...]:
+    """(num_layers, kv, num_blocks, block_size, num_kv_heads, head_size) of a PagedSpec."""
+    return (spec.num_layers, spec.kv, spec.num_blocks, spec.block_size, spec.num_kv_heads, spec.head_size)
+
+
 # -- shapes the kernels accept -----------------------------------------------------------------------
 def test_torch_describe_and_shape_errors() -> None:
     torch = require("torch")
     layers = [torch.zeros(2, 6, 4, 2, 8, dtype=torch.bfloat16) for _ in range(3)]
     spec = describe(layers, "vllm")
-    assert (
-        spec.num_layers,
-        spec.kv,
-        spec.num_blocks,
-        spec.block_size,
-        spec.num_kv_heads,
-        spec.head_size,
-    ) == (3, 2, 6, 4, 2, 8)
+    assert _dims(spec) == (3, 2, 6, 4, 2, 8)
     assert spec.dtype.name == "bfloat16"
     assert describe(torch.zeros(3, 1, 6, 4, 2, 8), "stacked").kv == 1  # MLA
     with pytest.raises(ChunkShapeError, match="layer 1 of the paged cache has shape"):
@@ -149,14 +147,7 @@ def test_torch_describe_and_shape_errors() -> None:
 def test_jax_describe_and_shape_errors() -> None:
     jnp = require("jax").numpy
     spec = describe([jnp.zeros((6, 4, 4, 8), jnp.bfloat16)] * 2, "interleaved")
-    assert (
-        spec.num_layers,
-        spec.kv,
-        spec.num_blocks,
-        spec.block_size,
-        spec.num_kv_heads,
-        spec.head_size,
-    ) == (2, 2, 6, 4, 2, 8)
+    assert _dims(spec) == (2, 2, 6, 4, 2, 8)
     with pytest.raises(ChunkShapeError, match="interleaved on the head axis"):
         describe([jnp.zeros((6, 4, 3, 8))], "interleaved")
     with pytest.raises(ChunkTypeError, match="layout 'vllm' takes a non-empty list of per-layer torch"):
