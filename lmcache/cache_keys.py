@@ -34,8 +34,9 @@ def token_ids(tokens: Any) -> np.ndarray:
     Accepts a list, tuple or ``range`` of ints, or a 1-D integer numpy, torch (any device) or JAX array.
 
     Raises:
-        TokensTypeError: not a sequence of integers (floats, bools, strings, ``None``, a scalar).
-        TokensValueError: nested or ragged, or an id outside the int64 range.
+        TokensTypeError: not a sequence of integers (floats, bools, strings, ``None``, a scalar); a
+            bool anywhere in a list is refused too (numpy would read ``True`` as 1).
+        TokensValueError: nested or ragged, or an id outside the int64 range (Python ints included).
     """
     if tokens is None or isinstance(tokens, (str, bytes, bytearray, int, float, complex, np.generic)):
         raise TokensTypeError(
@@ -56,6 +57,11 @@ def token_ids(tokens: Any) -> np.ndarray:
     kind = ids.dtype.kind
     if ids.shape == (0,):  # an empty list reads as float64: no ids is a valid (empty) prompt
         return np.empty(0, dtype=_INT64_LE)
+    if kind == "O" and ids.ndim == 1 and all(map(_is_int, ids.tolist())):
+        raise TokensValueError(
+            f"token ids must fit in int64 (-2**63 .. 2**63 - 1); got ids from {min(ids.tolist())} to "
+            f"{max(ids.tolist())}"
+        )
     if kind not in "iu":
         raise TokensTypeError(
             f"tokens must be integer ids, got dtype {ids.dtype} (from a {type(tokens).__name__}); "
@@ -67,7 +73,18 @@ def token_ids(tokens: Any) -> np.ndarray:
         )
     if kind == "u" and ids.dtype.itemsize == 8 and ids.size and int(ids.max()) > _INT64_MAX:
         raise TokensValueError("token ids must fit in int64; got a uint64 id above 2**63 - 1")
+    if isinstance(tokens, (list, tuple)):
+        # numpy reads True as 1 and False as 0 in a list of ints: look at the items that became 0 or 1
+        for index in np.flatnonzero((ids >= 0) & (ids <= 1)).tolist():
+            if isinstance(tokens[index], (bool, np.bool_)):
+                raise TokensTypeError(
+                    f"tokens[{index}] is {tokens[index]!r}, a bool: a bool is not a token id; pass ints"
+                )
     return np.ascontiguousarray(ids, dtype=_INT64_LE)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
 def id_bytes(ids: np.ndarray) -> memoryview:

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from lmcache.errors import NotPicklableError
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 
 
@@ -132,6 +133,12 @@ class Lease:
 
     def __exit__(self, *exc: object) -> None:
         self.release()
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        raise NotPicklableError(
+            "a Lease holds pins on cached chunks and cannot be pickled or copied: a copy would release "
+            "them a second time. Take another lease (cache.lease(tokens)) for another holder"
+        )
 
     def __repr__(self) -> str:
         state = "released" if self._chain is None else "held"

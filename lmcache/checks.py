@@ -14,7 +14,7 @@ import operator
 from typing import Any
 
 from lmcache.dtypes import normalize_dtype
-from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
+from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, OverlapError
 from lmcache.layout import SlotLayout
 from lmcache.registry import framework_of, load_adapter
 
@@ -125,7 +125,7 @@ class ChunkChecker:
         self._check_shape_dtype(dst, num_tokens, what)
         if framework == "numpy" and not dst.flags.writeable:
             raise ChunkTypeError(f"{what} is a read-only numpy array; pass a writable one")
-        load_adapter(framework).check_source(dst)
+        check_writable(dst, framework, what)
         return framework
 
     def _check_shape_dtype(self, array: Any, num_tokens: int, what: str) -> None:
@@ -165,6 +165,24 @@ def _check_shape(array: Any, want: tuple[int, ...], what: str) -> None:
         raise ChunkShapeError(f"{what} has shape {got!r}, expected {want}")
 
 
+def check_writable(array: Any, framework: str, what: str) -> None:
+    """Check that an array can take distinct values: plain memory whose elements do not share bytes.
+
+    Raises:
+        ChunkTypeError: not plain memory (meta, sparse ... tensors; see the adapters' ``check_source``).
+        OverlapError: two of its elements share memory (a torch ``expand``, a zero-stride numpy view):
+            written, it would read back as garbage.
+    """
+    adapter = load_adapter(framework)
+    adapter.check_source(array)
+    extent = adapter.memory_extent(array)
+    if extent is not None and extent.self_overlapping:
+        raise OverlapError(
+            f"{what} has elements that share memory (an expanded or zero-stride view), so it cannot hold "
+            "distinct values; pass a tensor with memory of its own (.contiguous() or .clone())"
+        )
+
+
 def check_array(array: Any, shape: tuple[int, ...], layout: SlotLayout, what: str) -> str:
     """Check a numpy, torch or JAX array completely: exactly ``shape``, the layout's dtype, and readable
     as plain memory (see the adapters' ``check_source``). Return its framework.
@@ -185,4 +203,4 @@ def check_array(array: Any, shape: tuple[int, ...], layout: SlotLayout, what: st
     return framework
 
 
-__all__ = ["ChunkChecker", "check_array"]
+__all__ = ["ChunkChecker", "check_array", "check_writable"]

@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache.allocator import closed_error
 from lmcache.arena import host_array_of
 from lmcache.cache_keys import (
     KEY_BYTES,
@@ -48,9 +49,15 @@ from lmcache.cache_keys import (
     token_ids,
 )
 from lmcache.cache_records import CacheEntry, CacheStats, Lease, ShapeOnly
-from lmcache.checks import check_array
-from lmcache.errors import CacheInvariantError, ChunkShapeError, ChunkTypeError, ConfigError
-from lmcache.paged import PagedRequest, check_distinct_layers
+from lmcache.checks import check_array, check_writable
+from lmcache.errors import (
+    CacheInvariantError,
+    ChunkShapeError,
+    ChunkTypeError,
+    ConfigError,
+    OverlapError,
+)
+from lmcache.paged import PagedRequest, check_scatter_target
 from lmcache.registry import framework_of, load_adapter
 from lmcache.remote import FetchStream, RedisTier
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
@@ -314,7 +321,7 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         request = PagedRequest(kv_caches, block_ids, layout, self._layout, host=self._host)
-        check_distinct_layers(kv_caches)
+        check_scatter_target(kv_caches, request.spec, self.pool.overlaps)
         self._pull(ids, request.coverable_tokens(len(ids)))
         chain = self._pin_prefix(ids, None, lease=False, check=request.check_table)
         try:
@@ -553,6 +560,8 @@ class ChunkCache:
     def _release_chain(self, chain: list[CacheEntry]) -> None:
         """Take back one lease of each chunk of ``chain`` (a :class:`Lease` calls this once)."""
         with self._lock:
+            if any(entry.leases < 1 or entry.pins < 1 for entry in chain):
+                raise CacheInvariantError("a lease was released more often than taken; nothing was unpinned")
             for entry in chain:
                 entry.leases -= 1
                 if entry.leases == 0:
@@ -586,6 +595,12 @@ class ChunkCache:
             raise ChunkTypeError("out is a read-only numpy array; pass a writable one")
         if kind == "torch" and out.requires_grad:
             raise ChunkTypeError("out requires grad; pass a tensor that does not (or out.detach())")
+        check_writable(out, kind, "out")
+        if self.pool.overlaps(out):
+            raise OverlapError(
+                "out overlaps the cache's pool (a view of its arena or of a chunk): retrieving into it would "
+                "overwrite cached chunks; pass an array with memory of its own"
+            )
         return int(shape[2])
 
     def _spans(self, chain: list[CacheEntry]) -> Iterator[tuple[int, CacheEntry]]:
@@ -721,6 +736,8 @@ class ChunkCache:
     # -- eviction ------------------------------------------------------------------------------------
     def clear(self) -> int:
         """Drop every chunk that is not pinned (leased, or in use by a running call); return how many."""
+        if self.pool.closed:  # every free would raise: refuse before anything is dropped
+            raise closed_error()
         with self._lock:
             count = 0
             while self._lru:

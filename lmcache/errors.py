@@ -61,6 +61,11 @@ class DeviceCopyError(MemPoolError, RuntimeError):
     """A copy into or out of device memory failed in the device runtime (the message has its error)."""
 
 
+class OverlapError(MemPoolError, ValueError):
+    """An array to be written overlaps memory it must not: a pool's own arena (chunks other owners
+    hold), another layer of the same paged cache, or itself (elements that share memory)."""
+
+
 class NotPicklableError(MemPoolError, TypeError):
     """A handle or pool was pickled or copied: that would make a second owner of the same memory."""
 
@@ -101,6 +106,7 @@ __all__ = [
     "InvalidHandleError",
     "MemPoolError",
     "NotPicklableError",
+    "OverlapError",
     "PoolClosedError",
     "PoolTooLargeError",
     "RemoteValueError",

@@ -13,6 +13,7 @@ from lmcache.arena import HostArena
 from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ConfigError
 from lmcache.layout import SlotLayout
+from lmcache.memory import MemoryExtent, strided_extent
 
 
 class NumpyAdapter:
@@ -63,6 +64,10 @@ class NumpyAdapter:
         """A numpy array is host memory already."""
         return np.asarray(array)
 
+    def memory_extent(self, array: Any) -> MemoryExtent:
+        """The bytes a numpy array's elements occupy (host memory)."""
+        return numpy_extent(array)
+
     def clone(self, array: Any) -> np.ndarray:
         """Return an owning copy."""
         return np.array(array, copy=True)
@@ -72,6 +77,11 @@ class NumpyAdapter:
         return []
 
 
+def numpy_extent(array: np.ndarray) -> MemoryExtent:
+    """The bytes a numpy array's elements occupy, from its data pointer and byte strides."""
+    return strided_extent("cpu", int(array.ctypes.data), array.shape, array.strides, array.itemsize)
+
+
 ADAPTER = NumpyAdapter()
 
-__all__ = ["ADAPTER", "NumpyAdapter"]
+__all__ = ["ADAPTER", "NumpyAdapter", "numpy_extent"]

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import importlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
@@ -33,9 +33,16 @@ from typing import Any
 import numpy as np
 
 from lmcache.dtypes import DTypeSpec, normalize_dtype
-from lmcache.errors import BackendUnavailableError, ChunkShapeError, ChunkTypeError, ConfigError
+from lmcache.errors import (
+    BackendUnavailableError,
+    ChunkShapeError,
+    ChunkTypeError,
+    ConfigError,
+    OverlapError,
+)
 from lmcache.layout import SlotLayout
-from lmcache.registry import detect_framework
+from lmcache.memory import first_overlap
+from lmcache.registry import detect_framework, load_adapter
 
 #: Every paged layout, and the frameworks each accepts.
 LAYOUTS: dict[str, tuple[str, ...]] = {
@@ -195,6 +202,12 @@ def describe(kv_caches: Any, layout: str) -> PagedSpec:
                     f"layer {index} of the paged cache was deleted (donated to an earlier load_paged?); "
                     "pass the caches that load_paged returned"
                 )
+    adapter = load_adapter(framework)
+    for index, layer in enumerate(layers):  # meta, sparse, quantized tensors, tracers: no memory to move
+        try:
+            adapter.check_source(layer)
+        except ChunkTypeError as exc:
+            raise ChunkTypeError(f"layer {index} of the paged cache: {exc}") from None
     dtype = _dtype_of(layers[0], "the paged cache")
     devices = set()
     for index, layer in enumerate(layers):
@@ -215,14 +228,38 @@ def describe(kv_caches: Any, layout: str) -> PagedSpec:
     return PagedSpec(layout, framework, L, kv, B, S, H, D, dtype)
 
 
-def check_distinct_layers(kv_caches: Any) -> None:
-    """Raise unless a list layout names a different array for each layer (before a scatter: one array
-    named twice would get one layer's KV written over another's, or be donated twice)."""
-    if isinstance(kv_caches, (list, tuple)) and len({id(layer) for layer in kv_caches}) != len(kv_caches):
-        raise ChunkShapeError(
-            "the paged cache names one array for two layers; pass one array per layer (a scatter would "
-            "write one layer's KV over another's)"
+def check_scatter_target(kv_caches: Any, spec: PagedSpec, overlaps_pool: Callable[[Any], bool]) -> None:
+    """Check the arrays a scatter writes into, before anything is read or written.
+
+    Each layer must be memory of its own: two layers that share bytes (one array named twice, or two
+    views of one buffer such as ``[t, t.view(t.shape)]``) would get one layer's KV written over
+    another's (or be donated twice), and a layer that overlaps the pool's arena (``overlaps_pool``)
+    would have chunks other owners hold overwritten.
+
+    Raises:
+        OverlapError: two layers share memory, or a layer overlaps the pool.
+    """
+    layers = list(kv_caches) if isinstance(kv_caches, (list, tuple)) else [kv_caches]
+    adapter = load_adapter(spec.framework)
+    extents = [adapter.memory_extent(layer) for layer in layers]
+    seen: dict[int, int] = {}
+    pair = None
+    for index, layer in enumerate(layers):  # identity too: JAX gives no address for some arrays
+        pair = (seen[id(layer)], index) if id(layer) in seen else pair
+        seen.setdefault(id(layer), index)
+    pair = pair or first_overlap(extents)
+    if pair is not None:
+        raise OverlapError(
+            f"layers {pair[0]} and {pair[1]} of the paged cache share memory (one array named for two "
+            "layers, or views of one buffer); pass one array per layer, each with memory of its own (a "
+            "scatter would write one layer's KV over another's)"
         )
+    for index, layer in enumerate(layers):
+        if overlaps_pool(layer):
+            raise OverlapError(
+                f"layer {index} of the paged cache overlaps the cache's pool (a view of its arena): "
+                "loading into it would overwrite cached chunks; pass the engine's own KV cache"
+            )
 
 
 def _device_of(array: Any, framework: str) -> str:
@@ -285,7 +322,7 @@ def _as_int_array(block_ids: Any) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(0, np.int64)
     if ids.dtype.kind not in "iu" or (
-        isinstance(block_ids, (list, tuple)) and any(isinstance(i, bool) for i in block_ids)
+        isinstance(block_ids, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in block_ids)
     ):
         raise ChunkTypeError(f"block_ids must be integer ids (not bools or floats), got dtype {ids.dtype}")
     return ids
@@ -453,7 +490,7 @@ __all__ = [
     "PagedRequest",
     "PagedSpec",
     "block_table",
-    "check_distinct_layers",
+    "check_scatter_target",
     "describe",
     "framework_of_array",
     "kernels",

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from lmcache.config import LMCacheMemPoolMetadata
     from lmcache.dtypes import DTypeSpec
     from lmcache.layout import SlotLayout
+    from lmcache.memory import MemoryExtent
 
 #: Backend name -> module that defines ``ADAPTER``.
 ADAPTER_MODULES: dict[str, str] = {
@@ -84,6 +85,10 @@ class FrameworkAdapter(Protocol):
 
     def to_host(self, array: Any) -> np.ndarray:
         """Return the array's values as numpy: a view of host memory, else a host copy (waits first)."""
+        ...
+
+    def memory_extent(self, array: Any) -> MemoryExtent | None:
+        """Return the bytes ``array``'s elements occupy, or None where the framework does not say."""
         ...
 
     def clone(self, array: Any) -> Any:

@@ -6,6 +6,7 @@ There is one way to skip: :func:`require`. In a nox session that names a framewo
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import os
@@ -16,7 +17,7 @@ import pytest
 
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.dtypes import KV_DTYPES
-from lmcache.storage_backend.mem_pool import LocalCPUPool
+from lmcache.storage_backend.mem_pool import KVObj, LocalCPUPool
 
 BACKENDS = ("numpy", "torch", "jax")
 REQUIRED = {name for name in os.environ.get("LMCACHE_REQUIRE_BACKENDS", "").split(",") if name}
@@ -103,6 +104,18 @@ def small_pool(backend: str, dtype: str = "float16", slots: int = 8, **kwargs: A
     slot_bytes = SlotLayout.from_metadata(meta).slot_bytes
     meta = LMCacheMemPoolMetadata(SMALL_SHAPE, dtype, slots * slot_bytes / 2**30)
     return LocalCPUPool(meta, backend=backend, **kwargs)
+
+
+def forge(pool: Any, slot: Any, num_tokens: int, generation: int) -> KVObj:
+    """A pool-bound handle naming any slot and generation: what only code reaching private names can
+    build (the public constructor binds no pool). The pool must refuse it unless it is a live handle's."""
+    return KVObj._issue(pool, slot, num_tokens, generation)
+
+
+def live_kvobjs() -> int:
+    """How many KVObj instances exist now (to check that a path builds none)."""
+    gc.collect()
+    return sum(isinstance(obj, KVObj) for obj in gc.get_objects())
 
 
 def _sees_gpu(framework: str) -> bool:

@@ -22,10 +22,9 @@ from hypothesis.stateful import (
     rule,
 )
 
-from kvtest import random_bits, run_state_machine, small_pool, to_native
+from kvtest import forge, random_bits, run_state_machine, small_pool, to_native
 from lmcache.allocator import ChunkAllocator
 from lmcache.errors import DoubleFreeError, InvalidHandleError, StaleHandleError
-from lmcache.storage_backend.mem_pool import KVObj
 
 SLOTS = 6
 
@@ -138,7 +137,7 @@ class PoolModel(RuleBasedStateMachine):
         """A hand-built or edited handle frees nothing and reaches no memory, whatever it names."""
         if any((o.chunk_idx, o.generation) == (slot, generation) for o, _ in self.live.values()):
             return  # a copy of a real handle's identity, not a forgery
-        forged = KVObj(slot, self.pool.size_per_chunk, None, tokens, self.pool, generation)
+        forged = forge(self.pool, slot, tokens, generation)
         before = self.pool.stats()
         with pytest.raises(InvalidHandleError):
             self.pool.free(forged)
@@ -156,7 +155,7 @@ class PoolModel(RuleBasedStateMachine):
         for field in ("chunk_idx", "num_tokens", "size", "generation", "data"):
             with pytest.raises(AttributeError):
                 setattr(obj, field, 0)
-        twin = KVObj(np.int64(obj.chunk_idx), obj.size, None, obj.num_tokens, self.pool, obj.generation)
+        twin = forge(self.pool, np.int64(obj.chunk_idx), obj.num_tokens, obj.generation)
         before = self.pool.stats()
         with pytest.raises(StaleHandleError):
             self.pool.free(twin)

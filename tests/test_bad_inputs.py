@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtest import SMALL_SHAPE, random_bits, small_pool, to_native
+from kvtest import SMALL_SHAPE, forge, random_bits, small_pool, to_native
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import (
     ChunkShapeError,
@@ -134,7 +134,7 @@ def _cases(backend: str) -> list[tuple[str, Callable[[Any, Any], Any], type[Exce
 def _edited(obj: KVObj, chunk_idx: int | None = None) -> KVObj:
     """A copy of a live handle edited to name another slot (the neighbouring one by default)."""
     slot = obj.chunk_idx + 1 if chunk_idx is None else chunk_idx
-    return KVObj(slot, obj.size, None, obj.num_tokens, obj.pool, obj.generation)
+    return forge(obj.pool, slot, obj.num_tokens, obj.generation)
 
 
 def _scenario(backend: str) -> tuple[Any, list[Any], Any]:

@@ -140,7 +140,8 @@ def test_buffer_pool_close_wakes_every_waiter() -> None:
 
 def test_single_owner_mode_has_no_lock() -> None:
     pool = small_pool("numpy", thread_safe=False)
-    assert pool._allocator.lock is None
+    assert not pool.thread_safe
+    assert small_pool("numpy").thread_safe
     obj = pool.allocate(random_bits((2, 2, 16, 2, 8), "float16"))
     assert obj is not None
     pool.free(obj)

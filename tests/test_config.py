@@ -38,12 +38,16 @@ def test_dtype_names_normalize(given: object, name: str) -> None:
 
 
 def test_framework_dtypes_normalize(backend: str) -> None:
+    """Every pool dtype, as each framework spells it (numpy: its own types, bf16 / fp8 from ml_dtypes)."""
     if backend == "numpy":
-        return
-    module = require(backend)
-    namespace = module if backend == "torch" else module.numpy
-    for name in KV_DTYPES:
-        assert normalize_dtype(getattr(namespace, name)) is KV_DTYPES[name]
+        spelled = {name: np.dtype(getattr(ml_dtypes, name, name)) for name in KV_DTYPES}
+    else:
+        module = require(backend)
+        namespace = module if backend == "torch" else module.numpy
+        spelled = {name: getattr(namespace, name) for name in KV_DTYPES}
+    assert len(spelled) == len(KV_DTYPES) == 7
+    for name, dtype in spelled.items():
+        assert normalize_dtype(dtype) is KV_DTYPES[name]
 
 
 def test_max_chunk_num_is_floor_of_budget() -> None:

@@ -3,6 +3,7 @@ sources that fail late, and numbers at the edge. Each test names the defect it p
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import os
@@ -18,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from kvtest import SMALL_SHAPE, random_bits, require, same_bits, small_pool, to_native
+from kvtest import SMALL_SHAPE, forge, live_kvobjs, random_bits, require, same_bits, small_pool, to_native
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import (
     ChunkShapeError,
@@ -39,7 +40,7 @@ def _chunk(backend: str, tokens: int = 16, seed: int = 0, dtype: str = "float16"
 def test_hand_built_handle_with_generation_zero_frees_nothing(backend: str) -> None:
     pool = small_pool(backend, slots=4)
     before = pool.stats()
-    forged = KVObj(2, pool.size_per_chunk, None, 16, pool)  # generation defaults to 0: never issued
+    forged = forge(pool, 2, 16, 0)  # generation 0: never issued
     assert not forged.is_live
     with pytest.raises(StaleHandleError, match="never issued"):
         pool.free(forged)
@@ -168,7 +169,7 @@ def test_batch_identity_is_immutable(backend: str) -> None:
 def test_numpy_int_chunk_idx_is_refused(backend: str) -> None:
     pool = small_pool(backend, slots=2)
     obj = pool.put(_chunk(backend))
-    twin = KVObj(np.int64(obj.chunk_idx), obj.size, None, obj.num_tokens, pool, obj.generation)
+    twin = forge(pool, np.int64(obj.chunk_idx), obj.num_tokens, obj.generation)
     before = pool.stats()
     with pytest.raises(StaleHandleError, match="not an int"):
         pool.free(twin)
@@ -237,40 +238,54 @@ def test_buffer_pool_waits_without_bound(timeout: float | None) -> None:
 # -- 9. fork while another thread holds the lock ---------------------------------------------------------
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_forked_child_does_not_deadlock_on_an_inherited_lock() -> None:
+    """Fork while another thread allocates and frees in a loop, so that the allocator's lock is held at
+    many of the forks: every child must still allocate (fresh locks after fork), and see its bytes."""
     pool = LocalCPUBufferPool(LMCacheMemPoolMetadata(SMALL_SHAPE, "float16", 0.001), backend="numpy")
-    obj = pool.put(random_bits((2, 2, 16, 2, 8), "float16", seed=5))
-    lock = pool._allocator.lock
-    assert lock is not None
-    lock.acquire()  # as if another thread were inside allocate at the moment of fork
-    try:
-        pid = os.fork()
-        if pid == 0:  # child: must get fresh locks
-            import signal
+    chunk = random_bits((2, 2, 16, 2, 8), "float16", seed=5)
+    obj = pool.put(chunk)
+    stop = threading.Event()
 
-            signal.alarm(10)
-            status = 1
-            try:
-                other = pool.allocate(random_bits((2, 2, 16, 2, 8), "float16"), timeout=1.0)
-                pool.free(other)
-                status = (
-                    0
-                    if np.array_equal(obj.clone("numpy"), random_bits((2, 2, 16, 2, 8), "float16", 5))
-                    else 2
-                )
-            finally:
-                os._exit(status)
+    def churn() -> None:  # holds the pool's locks most of the time
+        while not stop.is_set():
+            taken = pool.allocate(chunk)
+            if taken is not None:
+                pool.free(taken)
+
+    worker = threading.Thread(target=churn, daemon=True)
+    worker.start()
+    children = []
+    try:
+        for _ in range(40):
+            time.sleep(0.002)
+            pid = os.fork()
+            if pid == 0:  # child: must get fresh locks
+                import signal
+
+                signal.alarm(10)
+                status = 1
+                try:
+                    other = pool.allocate(chunk, timeout=1.0)
+                    pool.free(other)
+                    status = 0 if np.array_equal(obj.clone("numpy"), chunk) else 2
+                finally:
+                    os._exit(status)
+            children.append(pid)
     finally:
-        lock.release()
+        stop.set()
+        worker.join()
     deadline = time.monotonic() + 30
-    while True:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            break
-        if time.monotonic() > deadline:
-            os.kill(pid, 9)
-            pytest.fail("the forked child deadlocked")
-        time.sleep(0.05)
-    assert os.waitstatus_to_exitcode(status) == 0
+    for pid in children:
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                for other in children:
+                    with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                        os.kill(other, 9)
+                pytest.fail("a forked child deadlocked")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
 
 
 # -- 10. overlapping sources -----------------------------------------------------------------------------
@@ -435,7 +450,7 @@ def test_ndarray_shape_of_the_right_values_is_read(backend: str) -> None:
 def test_unhashable_chunk_idx_in_free_batch(backend: str) -> None:
     pool = small_pool(backend)
     obj = pool.put(_chunk(backend))
-    forged = KVObj([obj.chunk_idx], obj.size, None, 16, pool, obj.generation)  # type: ignore[arg-type]
+    forged = forge(pool, [obj.chunk_idx], 16, obj.generation)
     before = pool.stats()
     with pytest.raises(StaleHandleError, match="not an int"):
         pool.free_batch([obj, forged])
@@ -475,9 +490,11 @@ def test_long_chunks_build_no_per_token_tables(backend: str) -> None:
 # -- 15. buffer pool batches -----------------------------------------------------------------------------
 def test_buffer_pool_free_batch_takes_the_batch_path() -> None:
     pool = LocalCPUBufferPool(LMCacheMemPoolMetadata(SMALL_SHAPE, "float16", 0.001), backend="numpy")
-    batch = pool.allocate_batch([random_bits((2, 2, 16, 2, 8), "float16")] * 8)
+    chunks = [random_bits((2, 2, 16, 2, 8), "float16")] * 8
+    before = live_kvobjs()
+    batch = pool.allocate_batch(chunks)
     assert batch is not None
     pool.free_batch(batch)
-    assert batch._objs is None  # no KVObj was built to free it
+    assert live_kvobjs() == before  # no KVObj was built to free it
     assert pool.stats().used == 0
     gc.collect()

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from kvtest import SMALL_SHAPE, require, small_pool
 from lmcache.chunk_cache import ChunkCache
-from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
+from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, OverlapError
 from lmcache.paged import block_table, describe
 from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same
 
@@ -294,7 +294,7 @@ def test_donated_or_aliased_jax_caches_are_refused_before_anything_changes() -> 
     with pytest.raises(ChunkTypeError, match="deleted"):
         cache.store_paged(list(range(50, 70)), stacked, [4, 5], layout="stacked")
     layer = jnp.ones((8, 16, 4, 8), jnp.float16)
-    with pytest.raises(ChunkShapeError, match="one array for two layers"):
+    with pytest.raises(OverlapError, match="one array named for two layers"):
         cache.load_paged(tokens, [layer, layer], [2, 3], layout="interleaved")
     assert not layer.is_deleted()
     assert cache.stats() == before

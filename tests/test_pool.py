@@ -10,6 +10,7 @@ import pytest
 
 from kvtest import (
     kv_dtype_for,
+    live_kvobjs,
     pointer,
     random_bits,
     require,
@@ -211,11 +212,12 @@ def test_batches_build_handles_lazily_and_mix_with_single_frees(backend: str) ->
 
     with small_pool(backend, slots=6) as pool:
         chunks = [to_native(random_bits((2, 2, n, 2, 8), "float16", seed=n), backend) for n in (16, 3, 9)]
+        before = live_kvobjs()
         batch = pool.allocate_batch(chunks)
         assert isinstance(batch, KVBatch)
         assert len(batch) == 3
         assert batch.num_tokens == (16, 3, 9)
-        assert batch._objs is None  # nothing built yet
+        assert live_kvobjs() == before  # nothing built yet
         assert batch[-1] is batch[2]
         assert [obj.num_tokens for obj in batch] == [16, 3, 9]
         assert tuple(obj.chunk_idx for obj in batch[0:2]) == batch.chunk_idx[:2]

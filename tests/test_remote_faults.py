@@ -270,7 +270,8 @@ def test_stream_and_probe_fall_back_to_redis_py_without_a_socket(
         monkeypatch.setattr(connections, "raw_socket", no_socket)
         keys, shapes = [b"f0", b"f1", b"f2"], [chunks[0].shape, chunks[1].shape, SHAPE]
         with tier.stream(keys, "float16", shapes) as stream:
-            assert len(asked) == 1  # the stream found no socket: redis-py read the replies
+            assert asked  # the stream found no socket: redis-py read the replies
+            looked = len(asked)
             assert stream.hit(1)
             out = np.empty_like(chunks[1])
             assert stream.read_into(out)
@@ -278,5 +279,5 @@ def test_stream_and_probe_fall_back_to_redis_py_without_a_socket(
             assert not stream.hit(2)
         assert (tier.stats().hits, tier.stats().misses) == (1, 1)
         assert tier.probe(keys, "float16", shapes) == [True, True, False]
-        assert len(asked) == 2  # so did the probe
+        assert len(asked) > looked  # so did the probe
         assert tier.stats().errors == 0

@@ -39,6 +39,7 @@ from lmcache.errors import (
 )
 from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
+from lmcache.memory import MemoryExtent
 from lmcache.registry import load_adapter
 
 _DLPACK_CUDA = 2
@@ -355,6 +356,18 @@ class JaxAdapter:
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         """JAX arrays are immutable; refuse with the fix."""
         raise ChunkTypeError("JAX arrays are immutable; read chunks with as_jax() or clone('jax')")
+
+    def memory_extent(self, array: Any) -> MemoryExtent | None:
+        """The bytes of a single-device array's buffer (row-major); None where JAX gives no pointer
+        (tracers, sharded or deleted arrays)."""
+        try:
+            address = int(array.unsafe_buffer_pointer())
+            (device,) = array.devices()
+        except (AttributeError, ValueError, TypeError, RuntimeError):
+            return None
+        name = "cpu" if device.platform == "cpu" else f"{device.platform}:{device.id}"
+        nbytes = int(array.size) * int(array.dtype.itemsize)
+        return MemoryExtent(name, address, address + nbytes, False)
 
     def wait(self, array: Any) -> None:
         """Block until the array is computed."""

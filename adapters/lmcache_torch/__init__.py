@@ -25,6 +25,7 @@ from lmcache.errors import (
 )
 from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
+from lmcache.memory import MemoryExtent, strided_extent
 from lmcache.registry import load_adapter
 
 #: The unsigned int of each item size: how a tensor of any dtype is read by numpy (bf16 / fp8 included).
@@ -345,6 +346,15 @@ class TorchAdapter:
             tensor = tensor.cpu()
         spec = normalize_dtype(tensor.dtype)
         return tensor.view(_BITS[spec.itemsize]).numpy().view(spec.numpy_dtype)  # type: ignore[no-any-return]
+
+    def memory_extent(self, array: Any) -> MemoryExtent | None:
+        """The bytes a strided tensor's elements occupy; None for tensors without plain storage."""
+        if array.is_meta or array.layout != torch.strided:
+            return None
+        size = array.element_size()
+        device = "cpu" if array.device.type == "cpu" else str(array.device)
+        strides = [stride * size for stride in array.stride()]
+        return strided_extent(device, array.data_ptr(), array.shape, strides, size)
 
     def wait(self, array: Any) -> None:
         """Wait for all work on a CUDA tensor's device (CPU tensors are never pending)."""

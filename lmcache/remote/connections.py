@@ -21,18 +21,103 @@ from typing import Any
 
 from lmcache.errors import BackendUnavailableError, ConfigError
 from lmcache.remote.format import EXTRA_HINT
-from lmcache.remote.replies import WRONG_TYPE, ReplyReader, raw_socket
+from lmcache.remote.replies import WRONG_TYPE, ReplyReader, ServerError, pack_commands, raw_socket
 from lmcache.remote.stats import Counters
 
 logger = logging.getLogger("lmcache.remote")
 
-# Up to the LAST "@" before the path, as redis-py and urlsplit split user info ("redis://:p@ss@host").
-_USERINFO = re.compile(r"(?<=://)[^/\s]*@")
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+#: Query arguments redis-py reads that are settings, not credentials: their values may be shown.
+_SHOWN_QUERY = frozenset(
+    (
+        "db",
+        "socket_timeout",
+        "socket_connect_timeout",
+        "socket_keepalive",
+        "retry_on_timeout",
+        "max_connections",
+        "health_check_interval",
+        "ssl_check_hostname",
+        "timeout",
+        "protocol",
+    )
+)
 
 
 def redact_url(url: str) -> str:
-    """Return ``url`` with its user and password replaced by ``***``."""
-    return _USERINFO.sub("***@", url)
+    """Return ``url`` as it may be shown: user info and every query value that may be a credential
+    replaced by ``***``.
+
+    User info is everything between ``://`` and the LAST ``@`` of the whole URL, wherever redis-py or
+    ``urlsplit`` would end it: a password typed unencoded may hold ``@``, ``/``, ``?``, ``#`` or spaces,
+    and no part of it may be shown. Query values are redacted except those of known settings (``db``,
+    timeouts ...): redis-py reads ``?password=`` and ``?username=`` as credentials.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    at = rest.rfind("@")
+    if at >= 0:
+        rest = "***@" + rest[at + 1 :]
+    base, qmark, query = rest.partition("?")
+    if qmark:
+        shown = []
+        for pair in query.split("&"):
+            name, equals, _value = pair.partition("=")
+            keep = urllib.parse.unquote(name).lower() in _SHOWN_QUERY
+            shown.append(pair if keep else f"{name}{equals}***" if equals else "***")
+        base = base + "?" + "&".join(shown)
+    return f"{scheme}://{base}" if sep else base
+
+
+def url_secrets(url: str, options: Mapping[str, Any]) -> list[str]:
+    """Every credential redis-py would take from ``url`` and ``options``, in each form it may be written.
+
+    The user info as written and its user and password parts, percent-decoded or not; query values
+    other than known settings, as written and decoded; and ``password`` / ``username`` of ``options``.
+    Longest first, so that redacting one never leaves part of a longer one.
+    """
+    found: set[str] = set()
+    rest = url.partition("://")[2]
+    at = rest.rfind("@")
+    if at >= 0:
+        userinfo = rest[:at]
+        user, _, password = userinfo.partition(":")
+        found.update((userinfo, user, password))
+    query = rest[at + 1 :].partition("?")[2].partition("#")[0]
+    for pair in query.split("&"):
+        name, _, value = pair.partition("=")
+        if urllib.parse.unquote(name).lower() not in _SHOWN_QUERY:
+            found.add(value)
+    for name in ("password", "username"):
+        given = options.get(name)
+        if isinstance(given, str):
+            found.add(given)
+    forms = (
+        found
+        | {urllib.parse.unquote(text) for text in found}
+        | {urllib.parse.unquote_plus(text) for text in found}
+    )
+    return sorted((text for text in forms if text), key=len, reverse=True)
+
+
+def check_userinfo(url: str) -> None:
+    """Refuse a URL whose user info ``urlsplit`` (and so redis-py) would cut short.
+
+    A password typed with an unencoded ``/``, ``?`` or ``#`` ends the URL's authority early: redis-py
+    would take part of the password as the host name and connect elsewhere.
+
+    Raises:
+        ConfigError: the user info holds such a character (the message shows none of it).
+    """
+    rest = url.partition("://")[2]
+    at = rest.rfind("@")
+    if at >= 0 and any(mark in rest[:at] for mark in "/?#"):
+        raise ConfigError(
+            f"the user info of url {redact_url(url)!r} holds '/', '?' or '#', which end a URL's host part: "
+            "percent-encode the password (urllib.parse.quote(password, safe='')) or pass it in "
+            "REDIS_PASSWORD"
+        )
 
 
 class Connections:
@@ -76,6 +161,7 @@ class Connections:
         # ValueError: a reply line that is not a number, so the replies are out of step
         self._read_errors: tuple[type[BaseException], ...] = (redis.RedisError, OSError, ValueError)
         self._protocol_error: type[Exception] = redis.exceptions.InvalidResponse
+        self._pipeline_errors: tuple[type[BaseException], ...] = (*self._read_errors, ServerError)
         options: dict[str, Any] = {
             "socket_timeout": float(socket_timeout),
             "socket_connect_timeout": float(connect_timeout),
@@ -83,19 +169,23 @@ class Connections:
             # backoff and must never block a caller on retries.
             "retry": redis.retry.Retry(redis.backoff.NoBackoff(), 0),
         }
+        check_userinfo(url)
+        # Every credential, as written and as sent: none may appear in a message.
+        self._secrets = url_secrets(url, client_options or {})
         try:
             parsed = urllib.parse.urlsplit(url)
             parsed.port  # noqa: B018 - a bad port raises here, not later in redis-py
         except ValueError as exc:
-            raise ConfigError(f"not a valid server URL ({redact_url(url)}): {exc}") from None
-        if parsed.password is None and os.environ.get("REDIS_PASSWORD"):
+            raise ConfigError(
+                f"not a valid server URL ({redact_url(url)}): {self.redact(str(exc))}"
+            ) from None
+        query = urllib.parse.parse_qs(parsed.query)
+        if parsed.password is None and "password" not in query and os.environ.get("REDIS_PASSWORD"):
             options["password"] = os.environ["REDIS_PASSWORD"]
-            if parsed.username is None and os.environ.get("REDIS_USERNAME"):
+            if parsed.username is None and "username" not in query and os.environ.get("REDIS_USERNAME"):
                 options["username"] = os.environ["REDIS_USERNAME"]
         options.update(client_options or {})
-        # The password as written (percent-encoded) and as sent: neither may appear in a message.
-        raw = parsed.password
-        self._secrets = [s for s in (raw, raw and urllib.parse.unquote(raw), options.get("password")) if s]
+        self._secrets = url_secrets(url, options)
         if parsed.scheme.startswith("valkey"):
             url = "redis" + url[len("valkey") :]
         try:
@@ -103,6 +193,7 @@ class Connections:
         except (ValueError, TypeError) as exc:
             raise ConfigError(f"cannot use url {self.url!r}: {self.redact(str(exc))}") from None
         self._counters = counters
+        self._socket_timeout = float(socket_timeout)
         self._backoff_initial = float(backoff_initial)
         self._backoff_max = float(backoff_max)
         self._lock = threading.Lock()
@@ -182,8 +273,9 @@ class Connections:
             self._delay = 0.0
 
     def redact(self, text: str) -> str:
-        """Return ``text`` with the URL's credentials and the password replaced by ``***``."""
-        text = redact_url(text)
+        """Return ``text`` (a message) with every URL in it redacted and every credential replaced by
+        ``***``."""
+        text = _URL_IN_TEXT.sub(lambda match: redact_url(match.group()), text)
         for secret in self._secrets:
             text = text.replace(secret, "***")
         return text
@@ -208,21 +300,51 @@ class Connections:
     def pipelined(self, command: str, keys: Sequence[bytes]) -> list[Any]:
         """Run ``command key`` for every key in one round trip; a list of Nones when that fails.
 
-        A reply for a key of another Redis type (``WRONGTYPE``) is :data:`~lmcache.remote.replies.WRONG_TYPE`.
+        The commands are packed and their replies read here, on a borrowed connection, within one
+        ``socket_timeout`` for the whole round trip (a server that trickles its replies fails it; redis-py
+        would wait ``socket_timeout`` per ``recv``, and redis-py's pipeline costs about 10 us per command,
+        ten times a loopback round trip for 128 chunks). A reply for a key of another Redis type
+        (``WRONGTYPE``) is :data:`~lmcache.remote.replies.WRONG_TYPE`.
         """
         if not self.ready():
             return [None] * len(keys)
+        if not keys:
+            return []
+        conn = self.borrow()
+        reader = None
         try:
-            if len(keys) == 1:  # a pipeline object costs tens of microseconds: a visible share of 256 KiB
-                try:
-                    replies = [self._client.execute_command(command, keys[0])]  # type: ignore[no-untyped-call]
-                except self._response_error as exc:
-                    replies = [exc]
-            else:
-                pipe = self._client.pipeline(transaction=False)
-                for key in keys:
-                    pipe.execute_command(command, key)  # type: ignore[no-untyped-call]
-                replies = pipe.execute(raise_on_error=False)
+            conn.connect()
+            sock = raw_socket(conn)
+            if sock is None:
+                self.give_back(conn)
+                conn = None
+                return self._pipelined_by_redis_py(command, keys)
+            reader = ReplyReader(sock, self._socket_timeout)
+            reader.send(pack_commands(command.encode("ascii"), list(keys)))
+            replies = [reader.reply() for _ in keys]
+            if reader.buffered:
+                raise self._protocol_error(f"more replies than commands to {command}")
+        except self._pipeline_errors as exc:
+            if conn is not None:
+                conn.disconnect()
+            self.failed(command, exc)
+            return [None] * len(keys)
+        finally:
+            if reader is not None:
+                reader.finish()
+            if conn is not None:
+                self.give_back(conn)
+        self.succeeded()
+        return replies
+
+    def _pipelined_by_redis_py(self, command: str, keys: Sequence[bytes]) -> list[Any]:
+        """:meth:`pipelined` through redis-py, where it exposes no socket (each ``recv`` then has its own
+        ``socket_timeout``)."""
+        try:
+            pipe = self._client.pipeline(transaction=False)
+            for key in keys:
+                pipe.execute_command(command, key)  # type: ignore[no-untyped-call]
+            replies = pipe.execute(raise_on_error=False)
         except self._redis_errors as exc:
             self.failed(command, exc)
             return [None] * len(keys)
@@ -235,42 +357,13 @@ class Connections:
         return [WRONG_TYPE if isinstance(r, Exception) else r for r in replies]
 
     def strlen(self, keys: Sequence[bytes]) -> list[Any]:
-        """``STRLEN`` of every key in one round trip (Nones when that fails), packed and parsed here:
-        redis-py's pipeline costs about 10 us per command, ten times a loopback round trip for 128 chunks.
-        """
-        if not self.ready():
-            return [None] * len(keys)
-        conn = self.borrow()
-        try:
-            conn.connect()
-            sock = raw_socket(conn)
-            if sock is None:
-                self.give_back(conn)
-                conn = None
-                return self.pipelined("STRLEN", keys)
-            sock.sendall(b"".join(b"*2\r\n$6\r\nSTRLEN\r\n$%d\r\n%s\r\n" % (len(k), k) for k in keys))
-            reader = ReplyReader(sock)
-            lengths: list[Any] = []
-            for _ in keys:
-                line = reader.line()
-                if line.startswith(b":"):
-                    lengths.append(int(line[1:]))
-                elif line.startswith(b"-WRONGTYPE"):
-                    lengths.append(WRONG_TYPE)
-                else:
-                    raise self._protocol_error(f"unexpected reply {line[:40]!r} to STRLEN")
-            if reader.buffered:
-                raise self._protocol_error("more replies than commands to STRLEN")
-        except self._read_errors as exc:
-            if conn is not None:
-                conn.disconnect()
-            self.failed("STRLEN", exc)
-            return [None] * len(keys)
-        finally:
-            if conn is not None:
-                self.give_back(conn)
-        self.succeeded()
-        return lengths
+        """``STRLEN`` of every key in one round trip (Nones when that fails)."""
+        return self.pipelined("STRLEN", keys)
+
+    @property
+    def socket_timeout(self) -> float:
+        """Seconds one whole network operation may take."""
+        return self._socket_timeout
 
     # -- lifecycle -----------------------------------------------------------------------------------
     def close(self) -> None:
@@ -290,4 +383,4 @@ class Connections:
             pass
 
 
-__all__ = ["Connections", "redact_url"]
+__all__ = ["Connections", "check_userinfo", "redact_url", "url_secrets"]

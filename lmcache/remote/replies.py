@@ -12,7 +12,9 @@ happened (hits, misses, failures); the tier alone keeps its state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import time
 from typing import Any, Protocol
 
 from lmcache.errors import ConfigError, RemoteValueError
@@ -50,6 +52,11 @@ class StreamHost(Protocol):
     @property
     def read_errors(self) -> tuple[type[BaseException], ...]:
         """:attr:`redis_errors` and the errors of replies out of step (a length that is no number)."""
+        ...
+
+    @property
+    def socket_timeout(self) -> float:
+        """Seconds one whole network operation may take (a pipelined read of every reply included)."""
         ...
 
     def ready(self) -> bool:
@@ -124,8 +131,8 @@ class FetchStream:
                 self._values = host.pipelined("GET", keys)
                 return
             self._conn = conn
-            sock.sendall(b"".join(b"*2\r\n$3\r\nGET\r\n$%d\r\n%s\r\n" % (len(k), k) for k in keys))
-            self._reader = ReplyReader(sock)
+            self._reader = ReplyReader(sock, host.socket_timeout)
+            self._reader.send(pack_commands(b"GET", keys))
         except host.redis_errors as exc:
             self._fail(exc, conn)
 
@@ -207,6 +214,8 @@ class FetchStream:
     def close(self) -> None:
         """End the stream: give the connection back, or close it if replies are left unread."""
         self._done = True
+        if self._reader is not None:
+            self._reader.finish()
         if self._conn is not None:
             conn, self._conn = self._conn, None
             if self._consumed < len(self._keys):
@@ -261,11 +270,27 @@ class FetchStream:
 
 
 class ReplyReader:
-    """Reads RESP replies from a socket: lines through a small buffer, payloads straight into buffers."""
+    """Reads RESP replies from a socket within one deadline: lines through a small buffer, payloads
+    straight into buffers.
 
-    def __init__(self, sock: Any) -> None:
+    ``timeout`` bounds the whole operation, not each ``recv``: a server that trickles its reply (a byte
+    every few milliseconds, each ``recv`` well inside a per-call timeout) fails it with
+    :class:`TimeoutError` once ``timeout`` seconds have passed since the reader was made. Before each
+    send or receive the socket's own timeout is set to what is left; :meth:`finish` restores it (redis-py
+    reads later replies on the same socket with its own timeout).
+    """
+
+    def __init__(self, sock: Any, timeout: float) -> None:
         self._sock = sock
         self._buffer = bytearray()
+        self._timeout = timeout
+        self._deadline = time.monotonic() + timeout
+        self._restore = sock.gettimeout()
+
+    def send(self, data: bytes | memoryview) -> None:
+        """Send ``data`` whole, within what is left of the deadline."""
+        self._arm()
+        self._sock.sendall(data)
 
     def line(self) -> bytes:
         """The next CRLF-terminated line, without the CRLF."""
@@ -277,12 +302,38 @@ class ReplyReader:
                 return line
             self._receive()
 
+    def reply(self) -> Any:
+        """Read one whole reply: ``bytes`` (a bulk or simple string), an ``int``, None (a nil), or
+        :data:`WRONG_TYPE`; any other error reply raises :class:`ServerError`."""
+        line = self.line()
+        kind, rest = line[:1], line[1:]
+        if kind == b"$":
+            length = int(rest)
+            if length < 0:
+                return None
+            value = bytearray(length + 2)
+            self.read_into(memoryview(value))
+            del value[length:]
+            return bytes(value)
+        if kind == b":":
+            return int(rest)
+        if kind == b"+":
+            return rest
+        if kind == b"_":
+            return None
+        if kind == b"-":
+            if rest.startswith(b"WRONGTYPE"):
+                return WRONG_TYPE
+            raise ServerError(rest.decode("utf-8", "replace"))
+        raise ValueError(f"unexpected reply {line[:40]!r}")
+
     def read_into(self, view: memoryview) -> None:
         """Fill ``view`` exactly: first from what is buffered, then from the socket, without a copy."""
         taken = min(len(self._buffer), view.nbytes)
         view[:taken] = self._buffer[:taken]
         del self._buffer[:taken]
         while taken < view.nbytes:
+            self._arm()
             got = self._sock.recv_into(view[taken:])
             if not got:
                 raise ConnectionError("the server closed the connection mid-reply")
@@ -301,11 +352,43 @@ class ReplyReader:
         """Bytes received and not yet read."""
         return len(self._buffer)
 
+    def finish(self) -> None:
+        """Give the socket its own timeout back (never raises: the socket may be closed already)."""
+        with contextlib.suppress(OSError):
+            self._sock.settimeout(self._restore)
+
+    def _arm(self) -> None:
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"the server did not complete its reply within socket_timeout={self._timeout}s"
+            )
+        self._sock.settimeout(left)
+
     def _receive(self) -> None:
+        self._arm()
         chunk = self._sock.recv(65536)
         if not chunk:
             raise ConnectionError("the server closed the connection mid-reply")
         self._buffer += chunk
 
 
-__all__ = ["WRONG_TYPE", "FetchStream", "ReplyReader", "StreamHost", "raw_socket"]
+class ServerError(Exception):
+    """An error reply from the server (other than ``WRONGTYPE``): the operation failed there."""
+
+
+def pack_commands(command: bytes, keys: list[bytes]) -> bytes:
+    """RESP for ``command key`` once per key, for one pipelined send."""
+    head = b"*2\r\n$%d\r\n%s\r\n" % (len(command), command)
+    return b"".join(head + b"$%d\r\n%s\r\n" % (len(key), key) for key in keys)
+
+
+__all__ = [
+    "WRONG_TYPE",
+    "FetchStream",
+    "ReplyReader",
+    "ServerError",
+    "StreamHost",
+    "pack_commands",
+    "raw_socket",
+]

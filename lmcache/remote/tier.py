@@ -51,7 +51,9 @@ class RedisTier:
             from the ``REDIS_USERNAME`` and ``REDIS_PASSWORD`` environment variables.
         key_prefix: the start of every key this tier writes or reads.
         ttl: seconds a written chunk lives on the server (None: until the server evicts it).
-        socket_timeout: seconds one network read or write may take before it counts as a failure.
+        socket_timeout: seconds one whole network operation may take (a round trip: the request sent
+            and every reply read) before it counts as a failure; a server that trickles its reply
+            byte by byte fails it too.
         connect_timeout: seconds a connection attempt may take.
         queue_size: the most writes waiting for the writer.
         batch_bytes: the writer sends queued writes together up to this many bytes per round trip.
@@ -252,6 +254,11 @@ class RedisTier:
     def read_errors(self) -> tuple[type[BaseException], ...]:
         """:attr:`redis_errors` and ``ValueError`` (a reply line that is no number: replies out of step)."""
         return self._connections.read_errors
+
+    @property
+    def socket_timeout(self) -> float:
+        """Seconds one whole network operation may take; fixed when the tier is built."""
+        return self._connections.socket_timeout
 
     def ready(self) -> bool:
         """Whether an operation may touch the network now (not closed, not backing off)."""

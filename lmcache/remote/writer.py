@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from lmcache.errors import ConfigError
 from lmcache.remote.format import byte_view, check_shape, encode_header, payload_bytes
+from lmcache.remote.replies import ReplyReader, ServerError, raw_socket
 from lmcache.remote.stats import Counters, RemoteStats
 
 logger = logging.getLogger("lmcache.remote")
@@ -28,6 +29,11 @@ class WriterLink(Protocol):
     @property
     def redis_errors(self) -> tuple[type[BaseException], ...]:
         """Exceptions of a failed network operation."""
+        ...
+
+    @property
+    def socket_timeout(self) -> float:
+        """Seconds one whole network operation may take."""
         ...
 
     def ready(self) -> bool:
@@ -236,19 +242,36 @@ class Writer:
     def _send_batch(self, conn: Any, batch: list[Write]) -> bool:
         """Send SETs for ``batch`` on ``conn`` in one round trip; True when every one was stored.
 
-        The caller counts the writes (with its own change of state)."""
+        The whole round trip (every payload sent, every reply read) takes at most ``socket_timeout``
+        (:class:`~lmcache.remote.replies.ReplyReader`), so a server that reads or answers slowly holds a
+        batch's chunks pinned for no longer. The caller counts the writes (with its own change of state).
+        """
+        reader = None
+        errors: tuple[type[BaseException], ...] = (*self._link.redis_errors, ServerError, ValueError)
         try:
             commands: list[Any] = []
             for write in batch:
                 header = encode_header(write.key, write.payload, write.dtype, write.shape)
                 commands.extend(self._pack_set(write.key, header, write.payload))
-            conn.send_packed_command(commands)
-            for _ in batch:
-                conn.read_response()
-        except self._link.redis_errors as exc:
+            conn.connect()
+            sock = raw_socket(conn)
+            if sock is None:  # redis-py without a socket to use: its own send and parser
+                conn.send_packed_command(commands)
+                for _ in batch:
+                    conn.read_response()
+            else:
+                reader = ReplyReader(sock, self._link.socket_timeout)
+                for piece in commands:
+                    reader.send(piece)
+                for _ in batch:
+                    reader.reply()
+        except errors as exc:
             conn.disconnect()
             self._link.failed("write", exc)
             return False
+        finally:
+            if reader is not None:
+                reader.finish()
         self._link.succeeded()
         return True
 

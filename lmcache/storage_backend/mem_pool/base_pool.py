@@ -8,11 +8,17 @@ from typing import Any, NoReturn, Protocol, overload
 
 
 class ChunkOwner(Protocol):
-    """What a handle needs from the pool that issued it: ownership checks and access to slot memory.
+    """What a handle needs from the pool that issued it; private to the handle types.
 
-    Handles pass their own identity (slot, tokens, generation) to these methods; the owner never reads a
-    handle's state. :class:`~lmcache.storage_backend.mem_pool.local_pool.LocalPool` implements it.
+    Every method that reaches a slot's memory takes the handle itself and checks that it owns its slot
+    (not a slot index), so nothing here is a way around handles: without the live handle of a slot, no
+    caller can view, write or copy it. The pool reads only a handle's public identity (``chunk_idx``,
+    ``num_tokens``, ``generation``). :class:`~lmcache.storage_backend.mem_pool.local_pool.LocalPool`
+    implements it.
     """
+
+    #: Bytes per slot (``KVObj.size`` of the handles it issues).
+    size_per_chunk: int
 
     def check_handle(self, slot: int, generation: int) -> None:
         """Raise the reason (stale, double free, edited, closed) unless the handle owns ``slot``."""
@@ -22,28 +28,24 @@ class ChunkOwner(Protocol):
         """Whether the handle ``(slot, generation)`` owns its slot now."""
         ...
 
-    def chunk_view(self, slot: int, num_tokens: int, framework: str | None) -> Any:
-        """Return a view of the chunk whose object state belongs to the caller alone (no copy)."""
+    def _view_of(self, handle: KVObj, framework: str | None) -> Any:
+        """Return a view of the handle's chunk whose object state belongs to the caller alone."""
         ...
 
-    def chunk_producer(self, slot: int, num_tokens: int) -> Any:
-        """Return a DLPack producer of the chunk's memory."""
+    def _producer_of(self, handle: KVObj) -> Any:
+        """Return a DLPack producer of the handle's chunk."""
         ...
 
-    def chunk_copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
-        """Check ``src`` completely, then copy it into the chunk."""
+    def _copy_into(self, handle: KVObj, src: Any) -> None:
+        """Check ``src`` completely, then copy it into the handle's chunk."""
         ...
 
-    def chunk_copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
-        """Check ``dst``, then copy the chunk into it."""
+    def _copy_out_of(self, handle: KVObj, dst: Any) -> None:
+        """Check ``dst``, then copy the handle's chunk into it."""
         ...
 
-    def chunk_clone(self, slot: int, num_tokens: int, framework: str | None) -> Any:
-        """Return an owning copy of the chunk in ``framework`` (default: the pool's)."""
-        ...
-
-    def make_handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
-        """Build the KVObj of a slot handed out with ``generation``."""
+    def _clone_of(self, handle: KVObj, framework: str | None) -> Any:
+        """Return an owning copy of the handle's chunk in ``framework`` (default: the pool's)."""
         ...
 
 
@@ -92,24 +94,30 @@ class KVObj:
     }
     _views: dict[str, Any]
 
-    def __init__(
-        self,
-        chunk_idx: int,
-        size: int,
-        data: Any = None,
-        num_tokens: int | None = None,
-        pool: ChunkOwner | None = None,
-        generation: int = 0,
-    ) -> None:
+    def __init__(self, chunk_idx: int, size: int, data: Any = None, num_tokens: int | None = None) -> None:
+        """Build a handle by hand (as LMCache does): it belongs to no pool, and every pool refuses it."""
         self._chunk_idx = chunk_idx
         self._size = size
         self._data = data
         if num_tokens is None:
             num_tokens = int(data.shape[2]) if data is not None else 0
         self._num_tokens: int = num_tokens
-        self._pool = pool
-        self._generation = generation
+        self._pool: ChunkOwner | None = None
+        self._generation = 0
         # _views (conversions to other frameworks) is set on first use: most objects never need it.
+
+    @classmethod
+    def _issue(cls, owner: ChunkOwner, slot: int, num_tokens: int, generation: int) -> KVObj:
+        """The handle of a slot that ``owner``'s allocator handed out with ``generation`` (for pools and
+        batches only: a handle built from another handle's identity would be a second owner)."""
+        obj = cls.__new__(cls)
+        obj._chunk_idx = slot
+        obj._size = owner.size_per_chunk
+        obj._data = None
+        obj._num_tokens = num_tokens
+        obj._pool = owner
+        obj._generation = generation
+        return obj
 
     @property
     def chunk_idx(self) -> int:
@@ -144,7 +152,7 @@ class KVObj:
         pool.check_handle(self._chunk_idx, self._generation)
         data = self._data
         if data is None:
-            data = self._data = pool.chunk_view(self._chunk_idx, self._num_tokens, None)
+            data = self._data = pool._view_of(self, None)
         return data
 
     @property
@@ -159,6 +167,7 @@ class KVObj:
         return pool is not None and pool.handle_is_live(self._chunk_idx, self._generation)
 
     def _owner(self) -> ChunkOwner:
+        """The issuing pool (which checks this handle on every use); hand-built objects have none."""
         pool = self._pool
         if pool is None:
             from lmcache.errors import ForeignHandleError
@@ -166,17 +175,17 @@ class KVObj:
             raise ForeignHandleError(
                 "this KVObj was built by hand and belongs to no pool; get KVObjs from pool.allocate()"
             )
-        pool.check_handle(self._chunk_idx, self._generation)
         return pool
 
     def _export(self, framework: str) -> Any:
         pool = self._owner()
+        pool.check_handle(self._chunk_idx, self._generation)
         views = getattr(self, "_views", None)
         if views is None:
             views = self._views = {}
         view = views.get(framework)
         if view is None:
-            view = views[framework] = pool.chunk_view(self._chunk_idx, self._num_tokens, framework)
+            view = views[framework] = pool._view_of(self, framework)
         return view
 
     def as_numpy(self) -> Any:
@@ -206,15 +215,15 @@ class KVObj:
         ``src`` must have exactly this object's shape and the pool's dtype; it may overlap the slot.
         It is checked completely before any byte is written. Returns when the bytes are in the slot.
         """
-        self._owner().chunk_copy_in(self._chunk_idx, self._num_tokens, src)
+        self._owner()._copy_into(self, src)
 
     def copy_to(self, dst: Any) -> None:
         """Copy the chunk into the writable array ``dst`` (numpy, or torch on any device)."""
-        self._owner().chunk_copy_out(self._chunk_idx, self._num_tokens, dst)
+        self._owner()._copy_out_of(self, dst)
 
     def clone(self, framework: str | None = None) -> Any:
         """Return an owning copy of the chunk in ``framework`` (default: the pool's), ready to use."""
-        return self._owner().chunk_clone(self._chunk_idx, self._num_tokens, framework)
+        return self._owner()._clone_of(self, framework)
 
     def __dlpack__(
         self,
@@ -227,12 +236,12 @@ class KVObj:
         """Export the chunk through DLPack (so ``torch.from_dlpack(obj)`` and friends work)."""
         from lmcache.dlpack import export
 
-        producer = self._owner().chunk_producer(self._chunk_idx, self._num_tokens)
+        producer = self._owner()._producer_of(self)
         return export(producer, stream=stream, max_version=max_version, dl_device=dl_device, copy=copy)
 
     def __dlpack_device__(self) -> tuple[int, int]:
         """Return the DLPack ``(device_type, device_id)`` of the slot's memory."""
-        producer = self._owner().chunk_producer(self._chunk_idx, self._num_tokens)
+        producer = self._owner()._producer_of(self)
         return producer.__dlpack_device__()  # type: ignore[no-any-return]
 
     def __reduce_ex__(self, protocol: Any) -> Any:
@@ -309,8 +318,8 @@ class KVBatch(Sequence[KVObj]):
         obj = objs[index]
         if obj is None:
             position = range(len(objs))[index]  # raises IndexError like a list
-            obj = objs[index] = self._pool.make_handle(
-                self._chunk_idx[position], self._num_tokens[position], self._ticket0 + position
+            obj = objs[index] = KVObj._issue(
+                self._pool, self._chunk_idx[position], self._num_tokens[position], self._ticket0 + position
             )
         return obj
 

@@ -15,8 +15,15 @@ from lmcache.allocator import ChunkAllocator, PoolStats, closed_error
 from lmcache.arena import Arena
 from lmcache.checks import ChunkChecker
 from lmcache.config import LMCacheMemPoolMetadata
-from lmcache.errors import ChunkTypeError, ConfigError, ForeignHandleError, NotPicklableError
+from lmcache.errors import (
+    ChunkTypeError,
+    ConfigError,
+    ForeignHandleError,
+    NotPicklableError,
+    OverlapError,
+)
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
+from lmcache.memory import MemoryExtent
 from lmcache.registry import detect_framework, load_adapter, resolve_backend
 from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
 
@@ -103,6 +110,8 @@ class LocalPool(BasePool):
         self._release_one = self._allocator.release_one
         self._is_live = self._allocator.is_live
         self._shapes = self._checker.shapes  # read only here; the checker fills it
+        base = self._arena.base_address
+        self._extent = MemoryExtent(self.device, base, base + self.max_chunk_num * self.size_per_chunk, False)
 
     # -- the LMCache v0 API ------------------------------------------------------------------------
     def init_max_chunk_num(self, metadata: LMCacheMemPoolMetadata) -> int:
@@ -160,7 +169,7 @@ class LocalPool(BasePool):
         taken = self._acquire_one()
         if taken is None:
             return None
-        return KVObj(taken[0], self.size_per_chunk, None, num_tokens, self, taken[1])
+        return KVObj._issue(self, taken[0], num_tokens, taken[1])
 
     def free(self, kv_obj: KVObj, *, wait_for: Any = None) -> None:
         """Give the slot of ``kv_obj`` back to the pool and increase the free count by 1.
@@ -202,7 +211,7 @@ class LocalPool(BasePool):
         if kv_obj.pool is not self:
             raise self._foreign(kv_obj)
         ticket = self._allocator.reissue_one(kv_obj.chunk_idx, kv_obj.generation)
-        return KVObj(kv_obj.chunk_idx, self.size_per_chunk, None, kv_obj.num_tokens, self, ticket)
+        return KVObj._issue(self, kv_obj.chunk_idx, kv_obj.num_tokens, ticket)
 
     def allocate_batch(self, kv_chunks: Sequence[Any]) -> KVBatch | None:
         """Allocate a slot for each chunk, all or nothing.
@@ -281,7 +290,7 @@ class LocalPool(BasePool):
         except BaseException:
             self._release_one(slot, ticket)
             raise
-        return KVObj(slot, self.size_per_chunk, None, num_tokens, self, ticket)
+        return KVObj._issue(self, slot, num_tokens, ticket)
 
     def stats(self) -> PoolStats:
         """Return a consistent snapshot of the pool's counters (see :class:`~lmcache.allocator.PoolStats`)."""
@@ -315,10 +324,28 @@ class LocalPool(BasePool):
             raise ConfigError(f"chunk_idx must be an int in 0..{self.max_chunk_num - 1}, got {chunk_idx!r}")
         return self._arena.base_address + chunk_idx * self.size_per_chunk
 
+    def overlaps(self, array: Any) -> bool:
+        """Whether ``array``'s elements share memory with this pool's arena (any slot, in use or free).
+
+        Writing into such an array writes past the handles into chunks that others own: layers that
+        write into arrays they are given (a cache's ``retrieve(out=...)``, a paged load) refuse them.
+        False for arrays whose framework does not say where their memory is.
+        """
+        framework = detect_framework(array)
+        if framework is None:
+            return False
+        extent = load_adapter(framework).memory_extent(array)
+        return extent is not None and extent.overlaps(self._extent)
+
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._allocator.closed
+
+    @property
+    def thread_safe(self) -> bool:
+        """Whether every call takes the pool's lock (``thread_safe=False`` promised a single owner)."""
+        return self._allocator.lock is not None
 
     def close(self) -> None:
         """Stop handing out and taking back slots; release pinning. Outstanding views stay valid memory.
@@ -359,33 +386,46 @@ class LocalPool(BasePool):
         """Whether the handle ``(slot, generation)`` owns its slot now."""
         return self._is_live(slot, generation)
 
-    def chunk_view(self, slot: int, num_tokens: int, framework: str | None) -> Any:
-        """Return a view of a chunk in ``framework`` (None: the pool's) that is the caller's alone."""
+    # The rest is private to the handle types: each method takes the handle and checks that it owns
+    # its slot, so no caller without the live handle of a slot can reach the slot's memory.
+    def _live_slot(self, handle: KVObj) -> int:
+        """Return the slot of ``handle`` after checking that it is this pool's and owns its slot."""
+        if handle.__class__ is not KVObj and not isinstance(handle, KVObj):
+            raise ForeignHandleError(f"expected a KVObj of this pool, got {type(handle).__name__}")
+        if handle.pool is not self:
+            raise self._foreign(handle)
+        slot = handle.chunk_idx
+        if not self._is_live(slot, handle.generation):
+            raise self._allocator.handle_error(slot, handle.generation, freeing=False)
+        return slot
+
+    def _view_of(self, handle: KVObj, framework: str | None) -> Any:
+        """Return a view of the handle's chunk in ``framework`` (None: the pool's), the caller's alone."""
+        slot = self._live_slot(handle)
         if framework is None or framework == self.backend:
-            return self._arena.view(slot, num_tokens)
-        return self._arena.export(slot, num_tokens, framework)
+            return self._arena.view(slot, handle.num_tokens)
+        return self._arena.export(slot, handle.num_tokens, framework)
 
-    def chunk_producer(self, slot: int, num_tokens: int) -> Any:
-        """Return a DLPack producer of a chunk's memory."""
-        return self._arena.dlpack_producer(slot, num_tokens)
+    def _producer_of(self, handle: KVObj) -> Any:
+        """Return a DLPack producer of the handle's chunk."""
+        return self._arena.dlpack_producer(self._live_slot(handle), handle.num_tokens)
 
-    def chunk_copy_in(self, slot: int, num_tokens: int, src: Any) -> None:
-        """Check ``src`` completely, then copy it into a chunk."""
-        framework, array, _ = self._checker.source(src, num_tokens, "copy_from source")
-        self._arena.copy_in(slot, num_tokens, array, framework)
+    def _copy_into(self, handle: KVObj, src: Any) -> None:
+        """Check ``src`` completely, then copy it into the handle's chunk."""
+        slot = self._live_slot(handle)
+        framework, array, _ = self._checker.source(src, handle.num_tokens, "copy_from source")
+        self._arena.copy_in(slot, handle.num_tokens, array, framework)
 
-    def chunk_copy_out(self, slot: int, num_tokens: int, dst: Any) -> None:
-        """Check ``dst``, then copy a chunk into it."""
-        framework = self._checker.destination(dst, num_tokens)
-        self._arena.copy_out(slot, num_tokens, dst, framework)
+    def _copy_out_of(self, handle: KVObj, dst: Any) -> None:
+        """Check ``dst`` (it may not overlap another slot of this pool), then copy the chunk into it."""
+        slot = self._live_slot(handle)
+        framework = self._checker.destination(dst, handle.num_tokens)
+        self._refuse_overlap(dst, "copy_to destination", allowed=slot)
+        self._arena.copy_out(slot, handle.num_tokens, dst, framework)
 
-    def chunk_clone(self, slot: int, num_tokens: int, framework: str | None) -> Any:
-        """Return an owning copy of a chunk in ``framework`` (default: the pool's)."""
-        return self._arena.clone(slot, num_tokens, framework or self.backend)
-
-    def make_handle(self, slot: int, num_tokens: int, generation: int) -> KVObj:
-        """Build the KVObj of a slot handed out with ``generation`` (for :class:`KVBatch`)."""
-        return KVObj(slot, self.size_per_chunk, None, num_tokens, self, generation)
+    def _clone_of(self, handle: KVObj, framework: str | None) -> Any:
+        """Return an owning copy of the handle's chunk in ``framework`` (default: the pool's)."""
+        return self._arena.clone(self._live_slot(handle), handle.num_tokens, framework or self.backend)
 
     # -- internals ---------------------------------------------------------------------------------
     def _resolve_device(self, device: str | None) -> str:
@@ -407,6 +447,19 @@ class LocalPool(BasePool):
             f"KVObj(chunk_idx={kv_obj.chunk_idx}) belongs to another pool ({kv_obj.pool!r}); "
             "free it with the pool that allocated it"
         )
+
+    def _refuse_overlap(self, array: Any, what: str, *, allowed: int) -> None:
+        """Raise :class:`OverlapError` if ``array`` shares memory with any slot but ``allowed``."""
+        framework = detect_framework(array)
+        extent = None if framework is None else load_adapter(framework).memory_extent(array)
+        if extent is None or not extent.overlaps(self._extent):
+            return
+        start = self._extent.start + allowed * self.size_per_chunk
+        if not extent.within(start, start + self.size_per_chunk):
+            raise OverlapError(
+                f"{what} overlaps other slots of this pool: writing it would change chunks that other "
+                "handles own; copy between chunks with target.copy_from(kv_obj), or pass memory of your own"
+            )
 
     def _check_open(self) -> None:
         if self._allocator.closed:
@@ -513,7 +566,7 @@ class LocalCPUBufferPool(LocalCPUPool):
             while True:
                 taken = allocator.acquire_many(1, count_failure=False)  # a wait that ends in a slot
                 if taken is not None:  # is no failure
-                    return self.make_handle(taken[0][0], num_tokens, taken[1])
+                    return KVObj._issue(self, taken[0][0], num_tokens, taken[1])
                 if deadline is None:
                     self._slot_freed.wait()
                     continue
