@@ -58,9 +58,10 @@ class CacheStats:
 
 
 class CacheEntry:
-    """One cached chunk. Fields change only under the cache's lock."""
+    """One cached chunk. Only :class:`~lmcache.prefix_index.PrefixIndex` changes its fields, under its
+    lock; others read ``key``, ``obj`` and ``num_tokens``."""
 
-    __slots__ = ("children", "key", "leases", "num_tokens", "obj", "parent", "pins")
+    __slots__ = ("children", "key", "leases", "num_tokens", "obj", "parent", "parked", "pins")
 
     def __init__(self, key: bytes, obj: KVObj, parent: CacheEntry | None, num_tokens: int) -> None:
         self.key = key
@@ -74,6 +75,8 @@ class CacheEntry:
         self.pins = 0
         #: Pins by leases alone (for ``stats().leased``).
         self.leases = 0
+        #: Chosen as a victim while it had cached children: held until its last child leaves.
+        self.parked = False
         self.num_tokens = num_tokens
 
 

@@ -115,7 +115,7 @@ def forge(pool: Any, slot: Any, num_tokens: int, generation: int) -> KVObj:
 def live_kvobjs() -> int:
     """How many KVObj instances exist now (to check that a path builds none)."""
     gc.collect()
-    return sum(isinstance(obj, KVObj) for obj in gc.get_objects())
+    return sum(type(obj) is KVObj for obj in gc.get_objects())
 
 
 def _sees_gpu(framework: str) -> bool:

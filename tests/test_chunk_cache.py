@@ -15,6 +15,7 @@ import pytest
 
 from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import SMALL_SHAPE, require, same_bits, to_host, to_native
+from lmcache.cache_copies import ChunkCopies
 from lmcache.chunk_cache import (
     KEY_BYTES,
     CacheStats,
@@ -304,17 +305,17 @@ def test_a_cached_partial_chunk_is_a_separate_leaf() -> None:
 def test_a_failed_copy_leaves_nothing_half_written(monkeypatch: pytest.MonkeyPatch) -> None:
     cache = _cache(slots=4)
     tokens = _prompt(3 * CHUNK)
-    original = cache._copy_in
+    original = ChunkCopies.copy_in
     calls = []
 
-    def failing_copy(obj: Any, piece: Any) -> None:
+    def failing_copy(copies: ChunkCopies, obj: Any, piece: Any) -> None:
         calls.append(1)
         if len(calls) == 2:
             obj.as_numpy()[...] = 1  # half a chunk written, then the copy fails
             raise OSError("device lost")
-        original(obj, piece)
+        original(copies, obj, piece)
 
-    monkeypatch.setattr(cache, "_copy_in", failing_copy)
+    monkeypatch.setattr(ChunkCopies, "copy_in", failing_copy)
     with pytest.raises(OSError, match="device lost"):
         cache.store(tokens, prefix_kv(tokens))
     assert cache.lookup(tokens) == CHUNK
@@ -363,7 +364,7 @@ TOKEN_CASES: list[tuple[str, Any, type[Exception], str]] = [
 
 
 def _snapshot(cache: ChunkCache) -> tuple[CacheStats, list[bytes], int]:
-    return cache.stats(), sorted(cache._entries), cache.pool.stats().used
+    return cache.stats(), sorted(cache.index.keys()), cache.pool.stats().used
 
 
 @pytest.mark.parametrize(

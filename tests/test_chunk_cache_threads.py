@@ -12,6 +12,7 @@ import pytest
 
 from cachetest import CHUNK, cache_pool, prefix_kv
 from kvtest import to_host, to_native
+from lmcache.cache_copies import ChunkCopies
 from lmcache.chunk_cache import ChunkCache
 
 THREADS = 4
@@ -96,15 +97,15 @@ def test_a_chunk_is_invisible_until_its_bytes_are_all_in(monkeypatch: pytest.Mon
     cache = ChunkCache(cache_pool(slots=4))
     tokens = list(range(3 * CHUNK))
     seen: list[tuple[int, Any]] = []
-    original = cache._copy_in
+    original = ChunkCopies.copy_in
 
-    def observed_copy(obj: Any, piece: Any) -> None:
+    def observed_copy(copies: ChunkCopies, obj: Any, piece: Any) -> None:
         half = piece.shape[0] // 2
         obj.as_numpy()[:half] = piece[:half]  # half written: nobody may see this chunk yet
         seen.append((cache.lookup(tokens), cache.retrieve(tokens)[1]))
-        original(obj, piece)
+        original(copies, obj, piece)
 
-    monkeypatch.setattr(cache, "_copy_in", observed_copy)
+    monkeypatch.setattr(ChunkCopies, "copy_in", observed_copy)
     assert cache.store(tokens, prefix_kv(tokens)) == 3 * CHUNK
     assert seen == [(0, 0), (CHUNK, CHUNK), (2 * CHUNK, 2 * CHUNK)]
 

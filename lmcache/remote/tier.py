@@ -66,6 +66,9 @@ class RedisTier:
         BackendUnavailableError: ``redis`` or ``xxhash`` is not installed.
     """
 
+    #: The tier's kind: its counters appear in a cache's stats as ``remote_hits`` and so on.
+    name = "remote"
+
     def __init__(
         self,
         url: str = "redis://127.0.0.1:6379/0",
