@@ -160,13 +160,16 @@ class RedisTier:
         dtype: str,
         shape: Sequence[int],
         on_done: Callable[[bool], None] | None = None,
+        *,
+        parent: bytes | None = None,
     ) -> None:
         """Queue a write of ``payload`` (a C-contiguous buffer of ``dtype`` and ``shape``) under ``key``.
 
         Returns at once; the payload's memory must stay unchanged until ``on_done(sent)`` is called (by
         the writer thread, or here when the write is refused or displaces an older one). When the queue
         is full the oldest queued write is dropped (``dropped`` + 1, its ``on_done(False)``). After
-        :meth:`close` the write is dropped at once.
+        :meth:`close` the write is dropped at once. ``parent`` (the tier key of the chunk this one
+        extends) is part of the tier protocol; a Redis server evicts on its own, so it is not used here.
 
         Raises:
             ConfigError: the payload does not match ``dtype`` and ``shape`` (nothing is queued).

@@ -89,9 +89,12 @@ class Tier(Protocol):
         dtype: str,
         shape: Sequence[int],
         on_done: Callable[[bool], None] | None = None,
+        *,
+        parent: bytes | None = None,
     ) -> None:
         """Queue a write of ``payload`` (C-contiguous, unchanged until ``on_done(sent)`` is called);
-        returns at once."""
+        returns at once. ``parent`` is the tier key of the chunk this one extends (None for a first
+        chunk): a tier that evicts leaves of its own needs it."""
         ...
 
     def probe(self, keys: Sequence[bytes], dtype: str, shapes: Sequence[Sequence[int]]) -> list[bool]:
