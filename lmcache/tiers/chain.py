@@ -97,9 +97,9 @@ class TierChain:
             for tier in targets:
                 for entry in new:
                     payload = self._copies.payload(entry.obj)
-                    tier.submit(
-                        tier.key(self._namespace, entry.key), payload, self._dtype, payload.shape, on_done
-                    )
+                    parent = None if entry.parent is None else tier.key(self._namespace, entry.parent.key)
+                    key = tier.key(self._namespace, entry.key)
+                    tier.submit(key, payload, self._dtype, payload.shape, on_done, parent=parent)
                     submitted += 1
         finally:
             for _ in range(len(new) * len(targets) - submitted):  # never submitted (an error): not pending
