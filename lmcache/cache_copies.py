@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache import copy_engine
 from lmcache.arena import host_array_of
 from lmcache.cache_records import CacheEntry
 from lmcache.checks import check_array, check_writable
@@ -133,7 +134,7 @@ class ChunkCopies:
     def copy_in(self, obj: KVObj, piece: Any) -> None:
         """Copy ``piece`` (checked, the slot's shape) into ``obj``'s slot."""
         if self.host and isinstance(piece, np.ndarray):
-            np.copyto(obj.as_numpy(), piece, casting="no")
+            copy_engine.copy(obj.as_numpy(), piece)
         else:
             obj.copy_from(piece)
 
@@ -141,10 +142,10 @@ class ChunkCopies:
         """Copy ``obj``'s chunk into ``dst`` (a checked slice of an ``out`` or of a new array)."""
         if isinstance(dst, np.ndarray):
             if self.host:
-                np.copyto(dst, obj.as_numpy(), casting="no")
+                copy_engine.copy(dst, obj.as_numpy())
                 return
             if not dst.flags.c_contiguous:  # device arenas copy into contiguous host memory only
-                np.copyto(dst, obj.clone("numpy"), casting="no")
+                copy_engine.copy(dst, obj.clone("numpy"))
                 return
         obj.copy_to(dst)
 

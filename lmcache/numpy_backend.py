@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache import copy_engine
 from lmcache.arena import HostArena
 from lmcache.dtypes import DTypeSpec
 from lmcache.errors import ConfigError
@@ -46,12 +47,12 @@ class NumpyAdapter:
         """numpy arrays are plain memory; their dtype (byte order included) was checked already."""
 
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
-        """Copy a numpy array into host bits ``dst`` (numpy copes with overlap itself)."""
-        np.copyto(dst.view(src.dtype), src, casting="no")
+        """Copy a numpy array into host bits ``dst`` with the copy engine (overlap is copied exactly)."""
+        copy_engine.copy(dst.view(src.dtype), src)
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
-        """Copy host bits into a numpy array."""
-        np.copyto(dst, src.view(dst.dtype), casting="no")
+        """Copy host bits into a numpy array with the copy engine."""
+        copy_engine.copy(dst, src.view(dst.dtype))
 
     def wait(self, array: Any) -> None:
         """numpy work is never pending."""

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache import copy_engine
 from lmcache.dtypes import DTypeSpec, normalize_dtype
 from lmcache.errors import (
     BackendUnavailableError,
@@ -451,9 +452,9 @@ class PagedRequest:
         elif self._per_layer:
             slot = obj.as_numpy()
             for index, piece in enumerate(pieces):
-                np.copyto(slot[index], piece, casting="no")
+                copy_engine.copy(slot[index], piece)
         else:
-            np.copyto(obj.as_numpy(), pieces[0], casting="no")
+            copy_engine.copy(obj.as_numpy(), pieces[0])
 
     def scatter_chunks(self, chunks: Sequence[tuple[int, Any]], total: int) -> Any:
         """Write chunks (``(start, KVObj)`` pairs covering tokens ``0 .. total-1``) into the blocks.
@@ -472,7 +473,7 @@ class PagedRequest:
         staging = bits.view(dtype.numpy_dtype)
         for start, obj in chunks:
             piece = obj.as_numpy() if self.host else obj.clone("numpy")
-            np.copyto(staging[:, :, start : start + obj.num_tokens], piece, casting="no")
+            copy_engine.copy(staging[:, :, start : start + obj.num_tokens], piece)
         return self._kernels.scatter(self.kv_caches, self.spec, self.table, 0, staging, total)
 
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmcache import copy_engine
 from lmcache.arena import HostArena, clone_from_device
 from lmcache.dlpack import DLPackView
 from lmcache.dtypes import DTypeSpec
@@ -351,7 +352,7 @@ class JaxAdapter:
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
         """Copy a jax.Array into host bits (waits for it; copies from a GPU; numpy buffers overlap)."""
         host = np.asarray(src)
-        np.copyto(dst.view(host.dtype), host, casting="no")
+        copy_engine.copy(dst.view(host.dtype), host)
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
         """JAX arrays are immutable; refuse with the fix."""

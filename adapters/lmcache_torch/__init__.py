@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.dlpack import from_dlpack
 
+from lmcache import copy_engine
 from lmcache.arena import HostArena, clone_from_device
 from lmcache.dtypes import DTypeSpec, normalize_dtype
 from lmcache.errors import (
@@ -319,18 +320,28 @@ class TorchAdapter:
             )
 
     def copy_to_host(self, dst: np.ndarray, src: Any) -> None:
-        """Copy a tensor (any device) into host bits ``dst``; exact when ``src`` overlaps ``dst``."""
+        """Copy a tensor (any device) into host bits ``dst``; exact when ``src`` overlaps ``dst``.
+
+        A CPU tensor is copied through numpy views with the copy engine (not torch's intra-op threads,
+        which stall when the machine is busy); a device tensor with torch's own copy.
+        """
+        if src.device.type == "cpu":
+            copy_engine.copy(dst, self.to_host(src).view(dst.dtype))
+            return
         target = torch.from_numpy(dst).view(src.dtype)
         with torch.no_grad():  # never put the arena into an autograd graph
             target.copy_(_unaliased(src, target))
 
     def copy_from_host(self, dst: Any, src: np.ndarray) -> None:
-        """Copy host bits ``src`` into tensor ``dst``; synchronize when ``dst`` is on a GPU."""
+        """Copy host bits ``src`` into tensor ``dst`` (a CPU tensor through the copy engine);
+        synchronize when ``dst`` is on a GPU."""
+        if dst.device.type == "cpu":
+            copy_engine.copy(self.to_host(dst).view(src.dtype), src)
+            return
         source = torch.from_numpy(src).view(dst.dtype)
         with torch.no_grad():
             dst.copy_(_unaliased(source, dst))
-        if dst.is_cuda:
-            torch.cuda.current_stream(dst.device).synchronize()
+        torch.cuda.current_stream(dst.device).synchronize()
 
     def concat_tokens(self, arrays: list[Any]) -> torch.Tensor:
         """``torch.cat`` on the token axis; on a GPU, synchronized so the copy is done on return."""
