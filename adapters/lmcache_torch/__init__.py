@@ -130,6 +130,14 @@ class TorchCPUArena(HostArena):
         """A ``detach()``: a new tensor over the same memory with no autograd or metadata link."""
         return view.detach()  # type: ignore[no-any-return]
 
+    def view(self, slot: int, num_tokens: int) -> torch.Tensor:
+        """Return a new tensor view of a chunk: a ``detach()`` of the view kept for the slot
+        (:meth:`HostArena.view` with the alias inlined: this runs on every handle's first ``.data``)."""
+        kept = self._kept[slot]
+        if kept is None or kept[0] != num_tokens:
+            return super().view(slot, num_tokens)  # type: ignore[no-any-return]
+        return kept[1].detach()  # type: ignore[no-any-return]
+
     def whole(self) -> torch.Tensor:
         """Return the whole arena as a new ``(num_slots, slot_elems)`` tensor (a detached alias)."""
         return self._whole.detach()

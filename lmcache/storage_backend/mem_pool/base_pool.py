@@ -149,10 +149,11 @@ class KVObj:
         pool = self._pool
         if pool is None:
             return self._data
-        pool.check_handle(self._chunk_idx, self._generation)
         data = self._data
-        if data is None:
+        if data is None:  # the first access: _view_of checks the handle
             data = self._data = pool._view_of(self, None)
+        else:
+            pool.check_handle(self._chunk_idx, self._generation)
         return data
 
     @property

@@ -109,6 +109,7 @@ class LocalPool(BasePool):
         self._acquire_one = self._allocator.acquire_one
         self._release_one = self._allocator.release_one
         self._is_live = self._allocator.is_live
+        self._view = self._arena.view
         self._shapes = self._checker.shapes  # read only here; the checker fills it
         base = self._arena.base_address
         self._extent = MemoryExtent(self.device, base, base + self.max_chunk_num * self.size_per_chunk, False)
@@ -401,9 +402,17 @@ class LocalPool(BasePool):
 
     def _view_of(self, handle: KVObj, framework: str | None) -> Any:
         """Return a view of the handle's chunk in ``framework`` (None: the pool's), the caller's alone."""
-        slot = self._live_slot(handle)
+        # The checks of _live_slot, inlined for the first .data of every handle (allocate's hot path);
+        # anything unusual takes _live_slot for its error.
+        try:
+            slot = handle.chunk_idx
+            live = handle.pool is self and self._is_live(slot, handle.generation)
+        except AttributeError:  # not a KVObj
+            live = False
+        if not live:
+            slot = self._live_slot(handle)
         if framework is None or framework == self.backend:
-            return self._arena.view(slot, handle.num_tokens)
+            return self._view(slot, handle.num_tokens)
         return self._arena.export(slot, handle.num_tokens, framework)
 
     def _producer_of(self, handle: KVObj) -> Any:
