@@ -36,7 +36,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--ops", type=int, default=50_000, help="operations per timing trial")
     run.add_argument("--big-pool-gib", type=float, default=16.0, help="size of the construction test")
     run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
-    run.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    run.add_argument("--json", action="store_true", help="print JSON instead of the summary")
+    run.add_argument("--full", action="store_true", help="print the full table, not only the summary")
+    run.add_argument(
+        "--out",
+        default="lmcache-bench",
+        help="directory for the full table, JSON and plot (default ./lmcache-bench)",
+    )
+    run.add_argument(
+        "--loaded",
+        action="store_true",
+        help="also rerun the headline sections beside busy processes and report both",
+    )
+    run.add_argument("--load-procs", type=int, default=1, help="busy processes for --loaded (default 1)")
     args = parser.parse_args(argv)
 
     if args.command == "info":
@@ -58,19 +70,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=2 if args.quick else args.repeat,
         ops=2_000 if args.quick else args.ops,
         big_pool_gib=1.0 if args.quick else args.big_pool_gib,
+        loaded=args.loaded,
+        load_procs=args.load_procs,
     )
     results, failures = bench.run(opts)
+    paths = bench.write_report(results, failures, args.out)
     if args.json:
         print(bench.to_json(results, failures))
     else:
         for key, value in bench.environment().items():
             print(f"- {key}: {value}")
         print()
-        print(bench.format_table(results))
+        print(bench.format_table(results) if args.full else bench.summary(results))
         print()
         print("self-check: " + ("PASS" if not failures else "FAIL"))
         for failure in failures:
             print(f"  - {failure}")
+        print()
+        print(f"full table: {paths['table']}")
+        print(f"JSON: {paths['json']}")
+        print(f"plot: {paths.get('plot', 'not drawn (pip install matplotlib)')}")
     return 1 if failures else 0
 
 

@@ -12,7 +12,15 @@ from __future__ import annotations
 
 from lmcache.bench.common import DEFAULT_SHAPE, Options, Result
 from lmcache.bench.pool import BATCH_SHAPE, NaivePool
-from lmcache.bench.report import environment, format_table, run, self_check, to_json
+from lmcache.bench.report import (
+    environment,
+    format_table,
+    run,
+    self_check,
+    summary,
+    to_json,
+    write_report,
+)
 
 __all__ = [
     "BATCH_SHAPE",
@@ -24,5 +32,7 @@ __all__ = [
     "format_table",
     "run",
     "self_check",
+    "summary",
     "to_json",
+    "write_report",
 ]

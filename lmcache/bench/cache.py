@@ -120,6 +120,7 @@ def bench_cache_copy(backend: str, opts: Options) -> list[Result]:
             best["copyto"] / best[key],
             target,
             f"{kv_host.nbytes >> 20} MiB each way, {chunks} chunks of {CACHE_SHAPE}",
+            headline=key == "out",
         )
         for key, label, target in (
             ("out", " (into out=)", 0.8),
@@ -171,6 +172,7 @@ def bench_cache_lookup(opts: Options) -> list[Result]:
             best["baseline"] / best["hit"],
             1 / 1.5,
             f"target: <= 1.5x the time; a first-chunk miss takes {best['miss'] * 1e3:.3f} ms",
+            headline=True,
         )
     ]
 
@@ -247,6 +249,7 @@ def bench_cache_eviction(opts: Options) -> list[Result]:
             best["empty"] / best["full"],
             1 / 1.2,
             f"{EVICT_PROMPT_CHUNKS}-chunk prompts of {EVICT_SHAPE}; target: within 1.2x",
+            headline=True,
         ),
         Result(
             f"cache store per chunk, full, {big_slots:,} vs 1,024 slots",
@@ -258,6 +261,7 @@ def bench_cache_eviction(opts: Options) -> list[Result]:
             best["full"] / best["big"],
             1 / 1.15,
             "target: within 1.15x" + (" (quick run: 64k slots, not 1M)" if quick else ""),
+            headline=True,
         ),
     ]
 

@@ -8,6 +8,7 @@ ratio compares two figures taken under the same load on the machine.
 from __future__ import annotations
 
 import gc
+import itertools
 import math
 import sys
 import time
@@ -37,6 +38,13 @@ class Result:
     ratio: float | None = None  # value relative to baseline, "higher is better" oriented
     target: float | None = None  # the ratio the design asks for
     note: str = ""
+    headline: bool = False  # one of the dozen rows the summary shows
+    load: float | None = None  # the 1-minute load average when the row's section finished (the driver's)
+
+    @property
+    def lower_is_better(self) -> bool:
+        """Whether ``value`` is a cost (a time, bytes per slot) rather than a rate."""
+        return self.unit.split("/")[0] in ("s", "ms", "us", "ns", "B")
 
     @property
     def meets_target(self) -> bool | None:
@@ -58,6 +66,8 @@ class Options:
     ops: int = 50_000
     big_pool_gib: float = 16.0
     progress: TextIO | None = sys.stderr
+    loaded: bool = False  # rerun the headline sections beside busy processes
+    load_procs: int = 1
 
 
 def shape_only(backend: str, shape: tuple[int, ...], dtype: str) -> Any:
@@ -142,4 +152,46 @@ def best(trials: dict[str, Callable[[], float]], repeat: int) -> dict[str, float
     return lowest
 
 
-__all__ = ["DEFAULT_SHAPE", "Options", "Result", "best", "filled", "pool", "shape_only", "timed"]
+def copy_baselines(dst: np.ndarray, src: np.ndarray, threads: int) -> dict[str, Callable[[], float]]:
+    """Trials of the best copies the machine can do of ``src`` into ``dst`` (same shape, dtype): numpy's
+    ``copyto`` (one thread), torch's ``copy_`` with its default threads (where torch is installed), and
+    ``threads`` threads each copying a slice with ``copyto`` (a reference written here, apart from the
+    library's copy engine)."""
+    import concurrent.futures
+
+    trials: dict[str, Callable[[], float]] = {"numpy.copyto": timed(lambda: np.copyto(dst, src))}
+    if "torch" in sys.modules:  # benchmarked already: part of what this machine can do
+        import torch
+
+        bits = f"u{dst.dtype.itemsize}"
+        tdst, tsrc = torch.from_numpy(dst.view(bits)), torch.from_numpy(src.view(bits))
+        trials["torch copy_"] = timed(lambda: tdst.copy_(tsrc))
+    if threads > 1:
+        flat_dst, flat_src = dst.reshape(-1), src.reshape(-1)
+        bounds = [len(flat_dst) * i // threads for i in range(threads + 1)]
+        executor = concurrent.futures.ThreadPoolExecutor(threads - 1)
+
+        def split() -> None:
+            futures = [
+                executor.submit(np.copyto, flat_dst[a:b], flat_src[a:b])
+                for a, b in itertools.pairwise(bounds[1:])
+            ]
+            np.copyto(flat_dst[: bounds[1]], flat_src[: bounds[1]])
+            for future in futures:
+                future.result()
+
+        trials[f"{threads} threads x copyto"] = timed(split)
+    return trials
+
+
+__all__ = [
+    "DEFAULT_SHAPE",
+    "Options",
+    "Result",
+    "best",
+    "copy_baselines",
+    "filled",
+    "pool",
+    "shape_only",
+    "timed",
+]

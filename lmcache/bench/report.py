@@ -134,11 +134,68 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     failures = self_check(backends)
     say("self-check: " + ("PASS" if not failures else f"FAIL ({len(failures)})"))
     results: list[Result] = []
+    headline_steps = []
     for index, (label, step) in enumerate(steps, 1):
         say(f"[{index}/{len(steps)}] {label} ...")
-        results.extend(step())
+        rows = step()
+        load = _load()
+        for row in rows:
+            row.load = load
+        results.extend(rows)
+        if any(row.headline for row in rows):
+            headline_steps.append((label, step))
         gc.collect()
+    if opts.loaded:
+        results.extend(_loaded_run(headline_steps, results, opts.load_procs, say))
     return results, failures
+
+
+def _load() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except OSError:  # not every platform says
+        return None
+
+
+def _loaded_run(
+    steps: Sequence[tuple[str, Callable[[], list[Result]]]],
+    unloaded: Sequence[Result],
+    procs: int,
+    say: Callable[[str], None],
+) -> list[Result]:
+    """Run again every step that gave a headline row, with ``procs`` CPU-bound processes beside it; return
+    one row per headline: the loaded figure against the unloaded one (target: at most 2x worse)."""
+    from lmcache.bench.load import busy_processes
+
+    wanted = {(r.metric, r.backend): r for r in unloaded if r.headline}
+    loaded: list[Result] = []
+    with busy_processes(procs):
+        for index, (label, step) in enumerate(steps, 1):
+            say(f"[loaded {index}/{len(steps)}] {label} with {procs} busy process(es) ...")
+            rows = step()
+            load = _load()
+            for row in rows:
+                before = wanted.get((row.metric, row.backend))
+                if before is None:
+                    continue
+                kept = before.value / row.value if row.lower_is_better else row.value / before.value
+                loaded.append(
+                    Result(
+                        f"{row.metric}, loaded",
+                        row.backend,
+                        row.value,
+                        row.unit,
+                        before.value,
+                        "the same, unloaded",
+                        kept,
+                        0.5,
+                        f"{procs} CPU-bound process(es) beside it",
+                        headline=True,
+                        load=load,
+                    )
+                )
+            gc.collect()
+    return loaded
 
 
 def format_table(results: Sequence[Result]) -> str:
@@ -149,11 +206,88 @@ def format_table(results: Sequence[Result]) -> str:
         ratio = f"{r.ratio:.2f}x" if r.ratio is not None else ""
         target = f">= {r.target:.2f}x" if r.target is not None else ""
         met = {None: "", True: "yes", False: "**no**"}[r.meets_target]
+        if r.meets_target is False and load_note(r):
+            met += f" ({load_note(r)})"
         value = f"{r.value:,.4g} {r.unit}"
         if r.note:
             value += f"; {r.note}"
         rows.append(f"| {r.metric} | {r.backend} | {value} | {baseline} | {ratio} | {target} | {met} |")
     return "\n".join(rows)
+
+
+def load_note(row: Result) -> str:
+    """Whether the machine was busy when ``row`` was measured: its load average against the CPU count."""
+    if row.load is None:
+        return ""
+    cpus = os.cpu_count() or 1
+    state = "loaded" if row.load >= 0.75 * cpus else "not loaded"
+    return f"machine {state} (load {row.load:.2f} on {cpus} CPUs)"
+
+
+def summary(results: Sequence[Result]) -> str:
+    """The headline rows as a short Markdown table: each a ratio against its baseline, with its target;
+    a missed target says how loaded the machine was when the row ran."""
+    rows = ["| headline | backend | ratio | against | target | met |", "|---|---|---|---|---|---|"]
+    for r in results:
+        if not r.headline:
+            continue
+        ratio = f"{r.ratio:.2f}x" if r.ratio is not None else f"{r.value:,.4g} {r.unit}"
+        target = f">= {r.target:.2f}x" if r.target is not None else ""
+        met = {None: "", True: "yes", False: "**no**"}[r.meets_target]
+        if r.meets_target is False and load_note(r):
+            met += f" ({load_note(r)})"
+        rows.append(f"| {r.metric} | {r.backend} | {ratio} | {r.baseline_name} | {target} | {met} |")
+    return "\n".join(rows)
+
+
+def plot(results: Sequence[Result], path: str) -> bool:
+    """Draw the headline ratios (bars) and their targets (ticks) into a PNG at ``path``.
+
+    Returns False (nothing written) where matplotlib is not installed.
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    rows = [r for r in results if r.headline and r.ratio is not None]
+    labels = [f"{r.metric} [{r.backend}]" for r in rows]
+    figure, axes = plt.subplots(figsize=(10, 0.42 * len(rows) + 1.2))
+    colors = ["tab:green" if r.meets_target is not False else "tab:red" for r in rows]
+    positions = list(range(len(rows)))
+    axes.barh(positions, [r.ratio or 0.0 for r in rows], color=colors)
+    for position, r in zip(positions, rows, strict=True):
+        if r.target is not None:
+            axes.plot([r.target, r.target], [position - 0.4, position + 0.4], color="black", linewidth=2)
+    axes.set_yticks(positions, labels, fontsize=8)
+    axes.invert_yaxis()
+    axes.set_xlabel("ratio to the baseline measured in the same run (higher is better; black: target)")
+    axes.set_title("lmcache-mempool bench: headline ratios")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return True
+
+
+def write_report(results: Sequence[Result], failures: Sequence[str], directory: str) -> dict[str, str]:
+    """Write the full table (Markdown), the JSON and the plot (PNG, with matplotlib) of a run into
+    ``directory``; return the paths written, by kind."""
+    import time
+
+    os.makedirs(directory, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    base = os.path.join(directory, f"bench-{stamp}")
+    paths = {"table": base + ".md", "json": base + ".json"}
+    lines = [f"- {key}: {value}" for key, value in environment().items()]
+    with open(paths["table"], "w", encoding="utf-8") as table:
+        table.write("\n".join([*lines, "", format_table(results), ""]))
+    with open(paths["json"], "w", encoding="utf-8") as data:
+        data.write(to_json(results, failures))
+    if plot(results, base + ".png"):
+        paths["plot"] = base + ".png"
+    return paths
 
 
 def to_json(results: Sequence[Result], failures: Sequence[str]) -> str:
@@ -168,4 +302,14 @@ def to_json(results: Sequence[Result], failures: Sequence[str]) -> str:
     )
 
 
-__all__ = ["environment", "format_table", "run", "self_check", "to_json"]
+__all__ = [
+    "environment",
+    "format_table",
+    "load_note",
+    "plot",
+    "run",
+    "self_check",
+    "summary",
+    "to_json",
+    "write_report",
+]

@@ -135,6 +135,7 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
                 full / hit,
                 1 / TTFT_TARGET,
                 f"{hit / full:.2f}x of a full prefill; last logits within {errors[backend]:.1e} of it",
+                headline=backend == "torch",
             )
         )
     return results
