@@ -1,4 +1,5 @@
-"""Command line: ``python -m lmcache bench`` (benchmark and self-check) and ``python -m lmcache info``."""
+"""Command line: ``python -m lmcache bench`` (benchmark and self-check), ``python -m lmcache replay``
+(eviction policies on a request trace) and ``python -m lmcache info``."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ def _shape(text: str) -> tuple[int, int, int, int, int]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (1 when the self-check fails)."""
     from lmcache import bench
+    from lmcache.errors import ConfigError
 
     parser = argparse.ArgumentParser(prog="python -m lmcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -49,7 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="also rerun the headline sections beside busy processes and report both",
     )
     run.add_argument("--load-procs", type=int, default=1, help="busy processes for --loaded (default 1)")
+    from lmcache import replay
+
+    replay.add_arguments(
+        commands.add_parser("replay", help="token hit rate of eviction policies on a request trace")
+    )
     args = parser.parse_args(argv)
+    if args.command == "replay":
+        try:
+            return replay.run(args)
+        except ConfigError as exc:
+            parser.exit(2, f"python -m lmcache replay: {exc}\n")
 
     if args.command == "info":
         environment = bench.environment()

@@ -8,11 +8,13 @@ handing its chain back through the callback the cache gave it.
 from __future__ import annotations
 
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 from lmcache.errors import NotPicklableError
+from lmcache.loans import ChunkLoan
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 
 
@@ -94,28 +96,49 @@ class Lease:
     """Chunks of a cached prefix, pinned until :meth:`release` (or the end of a ``with`` block).
 
     Attributes:
-        chunks: the prefix's chunks in order, as :class:`KVObj` views of the pool's slots (zero-copy;
-            ``as_torch()``, ``as_jax()``, ``as_numpy()`` work). They belong to the cache: read them, do
-            not free or write them.
+        chunks: the prefix's chunks in order, as :class:`KVObj` handles lent by the cache (zero-copy views
+            of its slots; ``as_torch()``, ``as_jax()``, ``as_numpy()`` work). They are read-only
+            (``copy_from`` raises :class:`~lmcache.errors.ReadOnlyHandleError`, numpy views are not
+            writeable) and the pool refuses to free them: the cache owns the slots.
         num_tokens: tokens the chunks hold (0 on a miss).
 
     A leased chunk is never evicted, cleared or overwritten. Leases count: two leases of one chunk need
-    two releases. Release every lease: a forgotten one keeps its slots pinned for the cache's life.
-    ``release()`` empties ``chunks``: from then on the slots may be reused for other chunks. A KVObj
-    kept from a released lease goes stale once its chunk is evicted (its slot goes back to the pool):
-    its ``data``, ``as_*()`` and copies then raise :class:`~lmcache.errors.StaleHandleError`. Arrays
-    taken from it earlier are plain views of memory that may hold another chunk by then: drop them.
+    two releases. Release every lease; one that is garbage collected unreleased is released then.
+    ``release()`` empties ``chunks`` and ends their loan: from then on every use of a KVObj kept from it
+    raises :class:`~lmcache.errors.StaleHandleError`. Arrays taken from it earlier are plain views of
+    memory that may hold another chunk by then: drop them. A lease can be neither copied nor pickled.
     """
 
-    __slots__ = ("_chain", "_flip", "_on_release", "chunks", "num_tokens")
+    __slots__ = (
+        "__weakref__",
+        "_chain",
+        "_finalizer",
+        "_flip",
+        "_loan",
+        "_on_release",
+        "chunks",
+        "num_tokens",
+    )
 
-    def __init__(self, chain: list[CacheEntry], on_release: Callable[[list[CacheEntry]], None]) -> None:
-        """Hold ``chain`` (pinned by the cache); ``on_release(chain)`` unpins it, once."""
+    def __init__(
+        self,
+        chain: list[CacheEntry],
+        on_release: Callable[[list[CacheEntry]], None],
+        on_drop: Callable[[list[CacheEntry]], None] | None = None,
+    ) -> None:
+        """Hold ``chain`` (pinned by the cache); ``on_release(chain)`` unpins it, once. A lease collected
+        unreleased calls ``on_drop(chain)`` instead (default ``on_release``), from the garbage collector:
+        it must not take a lock the collecting thread may hold."""
         self._chain: list[CacheEntry] | None = chain
         self._on_release = on_release
         self._flip = threading.Lock()  # release() from two threads: exactly one unpins
-        self.chunks: list[KVObj] = [entry.obj for entry in chain]
+        self._loan = ChunkLoan([entry.obj for entry in chain], writable=False, purpose="lease")
+        self.chunks: list[KVObj] = list(self._loan.handles)
         self.num_tokens: int = sum(entry.num_tokens for entry in chain)
+        # A lease dropped without release() gives its pins back when it is collected.
+        self._finalizer = (
+            weakref.finalize(self, _release_dropped, self._loan, chain, on_release) if chain else None
+        )
 
     @property
     def released(self) -> bool:
@@ -129,6 +152,9 @@ class Lease:
             if chain is None:
                 return
             self.chunks = []  # their slots may hold other chunks from now on
+            if self._finalizer is not None:
+                self._finalizer.detach()
+        self._loan.end()
         self._on_release(chain)
 
     def __enter__(self) -> Lease:
@@ -146,6 +172,14 @@ class Lease:
     def __repr__(self) -> str:
         state = "released" if self._chain is None else "held"
         return f"Lease({len(self.chunks)} chunks, {self.num_tokens} tokens, {state})"
+
+
+def _release_dropped(
+    loan: ChunkLoan, chain: list[CacheEntry], on_release: Callable[[list[CacheEntry]], None]
+) -> None:
+    """What a lease collected without release() does: end the loan and give the pins back."""
+    loan.end()
+    on_release(chain)
 
 
 __all__ = ["CacheEntry", "CacheStats", "Lease", "ShapeOnly"]

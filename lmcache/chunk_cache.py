@@ -38,6 +38,7 @@ from lmcache.cache_keys import (
 )
 from lmcache.cache_records import CacheEntry, CacheStats, Lease
 from lmcache.errors import CacheInvariantError, ChunkShapeError, ConfigError
+from lmcache.loans import ChunkLoan
 from lmcache.paged import PagedRequest, check_scatter_target
 from lmcache.policies import EvictionPolicy, make_policy
 from lmcache.prefix_index import PrefixIndex, Reservation
@@ -126,11 +127,13 @@ class ChunkCache:
             tiers.append((self.remote, isinstance(remote, str)))
         self._tiers = TierChain(tiers, self._index, self._copies, self._layout, namespace)
 
-    @property
-    def index(self) -> PrefixIndex:
-        """The prefix index: which chunks are cached (``key in cache.index``, ``cache.index.keys()``),
-        their pins, and eviction."""
-        return self._index
+    def cached_keys(self) -> list[bytes]:
+        """The keys of every chunk cached now, in no particular order (a snapshot, for observation)."""
+        return self._index.keys()
+
+    def __contains__(self, key: object) -> bool:
+        """Whether the chunk ``key`` (one of :meth:`keys`) is cached now, in a slot."""
+        return key in self._index
 
     @property
     def policy(self) -> EvictionPolicy:
@@ -184,11 +187,11 @@ class ChunkCache:
     def lookup_keys(self, keys: Sequence[bytes], num_tokens: int) -> int:
         """:meth:`lookup` of a prompt of ``num_tokens`` tokens given by its chunk keys (for callers that
         hash themselves: the shared cache's clients, engine adapters)."""
-        self._check_keys(keys, num_tokens)
-        cached = self._index.cached_prefix(keys)
-        found = len(cached)
+        keys = self._check_keys(keys, num_tokens)
+        tokens = self.chunk_tokens(num_tokens)
+        found = len(self._index.cached_prefix(keys, tokens))
         if self._tiers and found < len(keys):
-            found = self._tiers.probe(keys, self.chunk_tokens(num_tokens), found)
+            found = self._tiers.probe(keys, tokens, found)
         hit = min(found * self._chunk_size, num_tokens)
         self._index.count_query(hit, num_tokens)
         return hit
@@ -271,12 +274,14 @@ class ChunkCache:
         gets none. Fill every slot of :attr:`PendingStore.slots`, then :meth:`PendingStore.commit`.
 
         Raises:
-            ConfigError: ``keys`` do not fit ``num_tokens`` (one per chunk, 16 bytes each).
+            ConfigError: ``keys`` do not fit ``num_tokens`` (one per chunk, 16 bytes each), or do not
+                chain (not ``keys(tokens)`` of one prompt); nothing is pinned or taken then.
+            PoolClosedError: the pool was closed; nothing is pinned or taken.
         """
-        self._check_keys(keys, num_tokens)
+        keys = self._check_keys(keys, num_tokens)
         reservation = self._index.reservation()
         reservation.extend(keys, self.chunk_tokens(num_tokens))
-        return PendingStore(reservation, self._tiers)
+        return PendingStore(reservation, self._tiers, lend=True)
 
     def load_paged(self, tokens: Any, kv_caches: Any, block_ids: Any, *, layout: str) -> Any:
         """Copy the longest cached prefix of ``tokens`` into the request's blocks of a paged KV cache.
@@ -379,15 +384,23 @@ class ChunkCache:
         """
         ids = token_ids(tokens)
         self._pull(ids, None)
-        return Lease(self._pin_prefix(ids, None, lease=True), self._index.release_lease)
+        return self._lease(self._pin_prefix(ids, None, lease=True))
 
     def lease_keys(self, keys: Sequence[bytes], num_tokens: int) -> Lease:
-        """:meth:`lease` of a prompt of ``num_tokens`` tokens given by its chunk keys."""
-        self._check_keys(keys, num_tokens)
+        """:meth:`lease` of a prompt of ``num_tokens`` tokens given by its chunk keys.
+
+        Raises:
+            ConfigError: ``keys`` do not fit ``num_tokens``, or do not chain; nothing is pinned.
+        """
+        keys = self._check_keys(keys, num_tokens)
+        tokens = self.chunk_tokens(num_tokens)
         if self._tiers:
-            self._tiers.pull(keys, self.chunk_tokens(num_tokens))
-        cached = self._index.cached_prefix(keys)
-        return Lease(self._index.pin_prefix(cached, num_tokens, lease=True), self._index.release_lease)
+            self._tiers.pull(keys, tokens)
+        cached = self._index.cached_prefix(keys, tokens)
+        return self._lease(self._index.pin_prefix(cached, num_tokens, lease=True, tokens=tokens))
+
+    def _lease(self, chain: list[CacheEntry]) -> Lease:
+        return Lease(chain, self._index.release_lease, self._index.release_later)
 
     def _pin_prefix(
         self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
@@ -405,7 +418,8 @@ class ChunkCache:
                 check(num_tokens)
 
         cached = self._index.cached_prefix(self._iter_keys(ids))
-        return self._index.pin_prefix(cached, len(ids), lease=lease, check=check_all)
+        tokens = self.chunk_tokens(len(ids))
+        return self._index.pin_prefix(cached, len(ids), lease=lease, tokens=tokens, check=check_all)
 
     def _pull(self, ids: np.ndarray, limit: int | None) -> None:
         """Fetch the chunks that follow the local prefix of ``ids`` from the tiers into local slots (only
@@ -418,15 +432,23 @@ class ChunkCache:
         keys = list(self._iter_keys(ids[:total]))
         self._tiers.pull(keys, self.chunk_tokens(total))
 
-    def _check_keys(self, keys: Sequence[bytes], num_tokens: int) -> None:
+    def _check_keys(self, keys: Sequence[bytes], num_tokens: int) -> list[bytes]:
+        """Return ``keys`` as a list, checked against ``num_tokens`` (one 16-byte key per chunk)."""
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
             raise ConfigError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+        if isinstance(keys, (bytes, bytearray, str)):
+            raise ConfigError("keys must be a sequence of chunk keys (cache.keys(tokens)), not one key")
+        try:
+            listed = list(keys)
+        except TypeError:
+            raise ConfigError(f"keys must be a sequence of chunk keys, got a {type(keys).__name__}") from None
         expected = -(-num_tokens // self._chunk_size)
-        if len(keys) != expected or any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in keys):
+        if len(listed) != expected or any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in listed):
             raise ConfigError(
                 f"a prompt of {num_tokens} tokens has {expected} chunk keys of {KEY_BYTES} bytes "
-                f"(cache.keys(tokens)), got {len(keys)}"
+                f"(cache.keys(tokens)), got {len(listed)}"
             )
+        return listed
 
     # -- tiers and lifecycle ----------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
@@ -458,25 +480,29 @@ class ChunkCache:
 
 class PendingStore:
     """Slots reserved for the missing chunks of one prompt, filled by the caller, then committed: what
-    :meth:`ChunkCache.begin_store` returns (and what ``store`` uses).
+    :meth:`ChunkCache.begin_store` returns.
 
-    :attr:`slots` are the missing chunks' slots in order; write each chunk's bytes into its slot, then
+    :attr:`slots` are the missing chunks' slots in order, as handles lent to the caller: write each
+    chunk's bytes into its slot (``copy_from``, or through ``data`` / ``as_torch()`` views), then
     :meth:`commit` publishes the first ``count`` (default: all), writes them behind to the cache's tiers,
-    and gives the rest back. Leaving a ``with`` block without a commit (an exception, a dead client)
-    gives every slot back: nothing half-written is ever visible. It can be neither copied nor pickled.
+    and gives the rest back. From then on the lent handles are stale (the pool never accepts them:
+    the cache owns the slots). Leaving a ``with`` block without a commit (an exception, a dead
+    client), or dropping the object, gives every slot back: nothing half-written is ever visible. It can
+    be neither copied nor pickled.
     """
 
-    __slots__ = ("_tiers", "reservation")
+    __slots__ = ("_loan", "_tiers", "reservation")
 
-    def __init__(self, reservation: Reservation, tiers: TierChain) -> None:
+    def __init__(self, reservation: Reservation, tiers: TierChain, *, lend: bool = False) -> None:
         #: The reservation in the prefix index.
         self.reservation = reservation
         self._tiers = tiers
+        self._loan = ChunkLoan(reservation.slots, writable=True, purpose="pending store") if lend else None
 
     @property
     def slots(self) -> list[KVObj]:
         """The slots to fill, in chunk order (after the cached chunks, which are pinned meanwhile)."""
-        return self.reservation.slots
+        return list(self._loan.handles) if self._loan is not None else self.reservation.slots
 
     @property
     def cached(self) -> int:
@@ -484,14 +510,22 @@ class PendingStore:
         return len(self.reservation.pinned)
 
     def commit(self, count: int | None = None) -> list[CacheEntry]:
-        """Publish the first ``count`` filled slots (default: all) and return the prefix now cached."""
+        """Publish the first ``count`` filled slots (default: all) and return the prefix now cached.
+
+        Raises:
+            ConfigError: ``count`` is not None or an int >= 0 (nothing changes).
+        """
         prefix, new = self.reservation.commit(count, hold=bool(self._tiers))
+        if self._loan is not None:
+            self._loan.end()
         if self._tiers:
             self._tiers.write_behind(prefix[: prefix.index(new[-1]) + 1] if new else [], new)
         return prefix
 
     def abort(self) -> None:
         """Give every slot back; calling it again (or after a commit) does nothing."""
+        if self._loan is not None:
+            self._loan.end()
         self.reservation.abort()
 
     def __enter__(self) -> PendingStore:

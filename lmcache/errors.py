@@ -41,6 +41,11 @@ class ForeignHandleError(InvalidHandleError):
     """The :class:`KVObj` was not allocated by this pool (another pool's, or built by hand)."""
 
 
+class ReadOnlyHandleError(InvalidHandleError):
+    """The :class:`KVObj` may read its chunk but not write it: a lease's chunk, which the cache owns and
+    other readers share."""
+
+
 class PoolClosedError(MemPoolError, RuntimeError):
     """The pool was closed; it hands out and takes back nothing more."""
 
@@ -109,6 +114,7 @@ __all__ = [
     "OverlapError",
     "PoolClosedError",
     "PoolTooLargeError",
+    "ReadOnlyHandleError",
     "RemoteValueError",
     "StaleHandleError",
     "TokensTypeError",

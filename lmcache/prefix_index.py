@@ -3,33 +3,43 @@ chunk is evicted next.
 
 :class:`PrefixIndex` alone writes the entries (:class:`~lmcache.cache_records.CacheEntry`), their pins
 and leases, and the counters; the eviction policy (:mod:`lmcache.policies`) only chooses among the
-candidates it is told about. What the index needs from the pool is :class:`SlotSource`. A chunk is added
-through a :class:`Reservation` (slots taken first, filled by the caller outside the lock, published by
-:meth:`Reservation.commit`), so a chunk is visible only once its bytes are in its slot.
+candidates it is told about. What the index needs from the pool is :class:`SlotSource`. Chunks are added
+through a :class:`Reservation` (slots taken first, filled by the caller outside the lock, then
+published), so a chunk is visible only once its bytes are in its slot.
 
 Invariants (checked by the test-suite's state machines, after every step):
 
 * The cached set is prefix-closed: every cached chunk's parent is cached. Only leaves are evicted: the
   index parks a chosen victim that still has cached children (see :mod:`lmcache.policies.base`).
+* Keys chain: a key names its whole prefix, so a cached chunk found at position ``i`` of a prompt has the
+  chunk found at ``i - 1`` as its parent. Keys that do not chain (not ``ChunkCache.keys`` of one prompt)
+  are refused with a :class:`~lmcache.errors.ConfigError`, never filed under a wrong parent.
 * Pins cover whole prefixes (a pinned chunk's parent is pinned), and a pinned chunk is never evicted or
   cleared. A pin count never goes below zero: an unbalanced unpin raises before anything changes.
 * ``pinned``, ``leased`` and ``chunks`` in :meth:`PrefixIndex.stats` are exact.
 
-Thread-safe: the lock is held for dict work and slot hand-out only, O(1) per chunk.
+Thread-safe: the lock is held for dict work and slot hand-out only, O(1) per chunk. A lease or
+reservation that is garbage collected unreleased gives its pins and slots back at the index's next call
+(the collector may run inside a locked section, so it only queues them).
 """
 
 from __future__ import annotations
 
+import collections
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 from lmcache.allocator import closed_error
 from lmcache.cache_records import CacheEntry, CacheStats, ShapeOnly
-from lmcache.errors import CacheInvariantError, NotPicklableError
+from lmcache.errors import CacheInvariantError, ConfigError, NotPicklableError
 from lmcache.layout import SlotLayout
 from lmcache.policies.base import EvictionPolicy
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
+
+Taken = tuple[bytes, KVObj, int]  # a slot taken for a missing chunk: (key, slot, tokens)
+_POLICIES_IN_USE: set[int] = set()  # id() of every policy object an index holds (one index each)
 
 
 class SlotSource(Protocol):
@@ -59,10 +69,21 @@ class PrefixIndex:
     Args:
         slots: where slots come from (the cache's pool).
         layout: the pool's slot layout (for the shapes slots are allocated with).
-        policy: the eviction policy; the index tells it every fact it needs, by key.
+        policy: the eviction policy, used by this index alone; the index tells it every fact it needs,
+            by key.
+
+    Raises:
+        ConfigError: ``policy`` already serves another index (a policy holds one cache's state).
     """
 
     def __init__(self, slots: SlotSource, layout: SlotLayout, policy: EvictionPolicy) -> None:
+        if id(policy) in _POLICIES_IN_USE:
+            raise ConfigError(
+                f"this {type(policy).__name__} object already serves another cache: a policy holds one "
+                "cache's state; pass a new policy object, or the policy's name"
+            )
+        _POLICIES_IN_USE.add(id(policy))
+        weakref.finalize(self, _POLICIES_IN_USE.discard, id(policy))
         self._slots = slots
         self._policy = policy
         self._lock = threading.Lock()
@@ -70,6 +91,7 @@ class PrefixIndex:
         self._like = [
             ShapeOnly(layout.view_shape(n), layout.dtype.numpy_dtype) for n in range(layout.chunk_size + 1)
         ]
+        self._dropped: collections.deque[tuple[str, Any]] = collections.deque()  # from the collector
         self._pinned = 0
         self._leased = 0
         self._stored = 0
@@ -97,20 +119,30 @@ class PrefixIndex:
         with self._lock:
             return list(self._entries)
 
-    def cached_prefix(self, keys: Iterable[bytes]) -> list[bytes]:
-        """The leading keys of ``keys`` that are cached now; stops consuming ``keys`` at the first miss
-        (so a lazy iterator of keys is hashed no further than needed)."""
+    def cached_prefix(self, keys: Iterable[bytes], tokens: Sequence[int] | None = None) -> list[bytes]:
+        """The leading keys of ``keys`` that are cached now as one chain; stops consuming ``keys`` at the
+        first miss (so a lazy iterator of keys is hashed no further than needed).
+
+        Raises:
+            ConfigError: a key is cached under another parent (the keys do not chain), or, with
+                ``tokens``, chunk ``i`` is cached with another token count than ``tokens[i]``.
+        """
         entries = self._entries
         found = []
-        for key in keys:
-            if key not in entries:
+        parent = None
+        for position, key in enumerate(keys):
+            entry = entries.get(key)
+            if entry is None:
                 break
+            self._check_link(entry, parent, None if tokens is None else tokens[position], position)
             found.append(key)
+            parent = entry
         return found
 
     def stats(self, **tiers: int) -> CacheStats:
         """A consistent snapshot of the counters (``tiers``: the tiers' counters, passed through)."""
         with self._lock:
+            self._drain()
             return CacheStats(
                 **tiers,
                 chunks=len(self._entries),
@@ -136,21 +168,21 @@ class PrefixIndex:
         query_tokens: int,
         *,
         lease: bool,
+        tokens: Sequence[int] | None = None,
         check: Callable[[int], None] | None = None,
     ) -> list[CacheEntry]:
         """Pin the longest cached prefix of ``keys`` and count the query; return its entries in order.
 
-        ``check(num_tokens)`` runs first, under the lock: if it raises, nothing is pinned or counted.
-        A ``lease`` pin also counts in ``leased`` until :meth:`release_lease`.
+        ``tokens[i]``, when given, is the token count chunk ``i`` must have. ``check(num_tokens)`` runs
+        next, under the lock. A ``lease`` pin also counts in ``leased`` until :meth:`release_lease`.
+
+        Raises:
+            ConfigError: ``keys`` do not chain, or a cached chunk has another token count than
+                ``tokens`` says; whatever ``check`` raises. Nothing is pinned or counted then.
         """
         with self._lock:
-            chain = []
-            entries = self._entries
-            for key in keys:  # the prefix may have shrunk since the caller's unlocked walk
-                entry = entries.get(key)
-                if entry is None:
-                    break
-                chain.append(entry)
+            self._drain()
+            chain = self._matching(keys, tokens)
             num_tokens = sum(entry.num_tokens for entry in chain)
             if check is not None:
                 check(num_tokens)
@@ -169,15 +201,17 @@ class PrefixIndex:
         parent after its children, so a parent is never older than its children).
 
         Raises:
-            CacheInvariantError: an entry is not pinned (an unbalanced unpin); nothing changes.
+            CacheInvariantError: an entry would be unpinned more often than it is pinned; nothing
+                changes.
         """
         with self._lock:
             self._check_pinned(chain, leases=False)
             self._unpin(chain, touch)
+            self._drain()
 
     def hold(self, chain: Sequence[CacheEntry]) -> None:
-        """Pin every entry of ``chain`` once more, without a use (a write-behind keeps its bytes safe
-        until sent; :meth:`unpin` with ``touch=False`` ends it)."""
+        """Pin every entry of ``chain`` (each pinned already) once more, without a use: a write-behind
+        keeps its bytes safe until sent; :meth:`unpin` with ``touch=False`` ends it."""
         with self._lock:
             self._check_pinned(chain, leases=False)
             for entry in chain:
@@ -188,66 +222,110 @@ class PrefixIndex:
         once): unpin it and mark it used.
 
         Raises:
-            CacheInvariantError: an entry holds no lease (released more often than taken); nothing
-                changes.
+            CacheInvariantError: an entry holds fewer leases than ``chain`` names it; nothing changes.
         """
         with self._lock:
-            self._check_pinned(chain, leases=True)
-            for entry in chain:
-                entry.leases -= 1
-                if entry.leases == 0:
-                    self._leased -= 1
-            self._unpin(chain, True)
+            self._release_lease(chain)
+            self._drain()
 
-    # -- adding chunks (what a Reservation asks for) ---------------------------------------------------
+    def release_later(self, chain: Sequence[CacheEntry]) -> None:
+        """:meth:`release_lease`, deferred to the index's next call: for a lease the garbage collector
+        found unreleased (it may run while this thread holds the lock)."""
+        self._dropped.append(("lease", list(chain)))
+
     def reservation(self) -> Reservation:
         """Start adding chunks: see :class:`Reservation`."""
         return Reservation(self)
 
-    def walk(
+    # -- eviction ---------------------------------------------------------------------------------------
+    def clear(self) -> int:
+        """Drop every chunk that is not pinned and give its slot back; return how many.
+
+        Leaves go first, then the parents they leave childless, so the set is prefix-closed after every
+        drop (pins cover whole prefixes: an unpinned chunk has only unpinned descendants).
+
+        Raises:
+            PoolClosedError: the pool was closed (no slot could be given back); nothing is dropped.
+        """
+        with self._lock:
+            self._drain()
+            if self._slots.closed:
+                raise closed_error()
+            leaves = collections.deque(e for e in self._entries.values() if e.pins == 0 and not e.children)
+            count = 0
+            while leaves:
+                entry = leaves.popleft()
+                self._slots.free(entry.obj)
+                parent = entry.parent
+                self._remove(entry, evicted=False)
+                self._cleared += 1
+                count += 1
+                if parent is not None and parent.pins == 0 and not parent.children:
+                    leaves.append(parent)
+        return count
+
+    # -- what a Reservation asks for (this module's companion class) ----------------------------------
+    def _walk(
         self,
         keys: Sequence[bytes],
-        tokens: Sequence[int],
+        tokens: Sequence[int | None],
+        parent: CacheEntry | None,
         *,
         pool_full: bool,
         after_missing: bool,
         take: bool = True,
-    ) -> tuple[list[CacheEntry], list[tuple[bytes, KVObj, int]], int, bool]:
-        """Walk ``keys`` in order under one lock: pin each cached chunk, then (from the first missing one,
-        or at once when ``after_missing``) take a slot for each chunk, evicting as needed; without
-        ``take``, stop at the first missing chunk instead.
+    ) -> tuple[list[CacheEntry], list[Taken], int, bool]:
+        """Walk ``keys`` (after ``parent``) in order under one lock: pin each cached chunk, then (from the
+        first missing one, or at once when ``after_missing``) take a slot for each chunk, evicting as
+        needed; without ``take``, stop at the first missing chunk instead. A token count of None skips the
+        check of a cached chunk's tokens (it is never None where a slot may be taken).
 
-        Returns ``(pinned, taken, walked, pool_full)``: the entries pinned, the ``(key, slot, tokens)``
-        taken, how many keys were walked (fewer than given when a chunk got no slot: nothing was left to
-        evict), and whether the pool was found full (a hint for the next walk).
+        Returns ``(pinned, taken, walked, pool_full)``: the entries pinned, the slots taken, how many
+        keys were walked (fewer than given when a chunk got no slot: nothing was left to evict), and
+        whether the pool was found full (a hint for the next walk). On any error, what this walk pinned
+        and took is given back before it raises.
+
+        Raises:
+            ConfigError: the keys do not chain after ``parent``, or a cached chunk's token count differs.
+            PoolClosedError: the pool was closed.
         """
         pinned: list[CacheEntry] = []
-        taken: list[tuple[bytes, KVObj, int]] = []
+        taken: list[Taken] = []
         with self._lock:
-            entries = self._entries
-            for walked, (key, num_tokens) in enumerate(zip(keys, tokens, strict=True)):
-                if not (after_missing or taken):
-                    entry = entries.get(key)
-                    if entry is not None:
-                        self._pin(entry)
-                        pinned.append(entry)
-                        continue
-                if not take:
-                    return pinned, taken, walked, pool_full
-                obj, pool_full = self._take_slot(num_tokens, pool_full)
-                if obj is None:
-                    return pinned, taken, walked, pool_full
-                taken.append((key, obj, num_tokens))
+            self._drain()
+            try:
+                entries = self._entries
+                for walked, (key, num_tokens) in enumerate(zip(keys, tokens, strict=True)):
+                    if not (after_missing or taken):
+                        entry = entries.get(key)
+                        if entry is not None:
+                            self._check_link(entry, parent, num_tokens, walked)
+                            self._pin(entry)
+                            pinned.append(entry)
+                            parent = entry
+                            continue
+                    if not take or num_tokens is None:
+                        return pinned, taken, walked, pool_full
+                    obj, pool_full = self._take_slot(num_tokens, pool_full)
+                    if obj is None:
+                        return pinned, taken, walked, pool_full
+                    taken.append((key, obj, num_tokens))
+            except BaseException:
+                for _, obj, _ in taken:
+                    self._slots.free(obj)
+                self._unpin(pinned, False)
+                raise
         return pinned, taken, len(keys), pool_full
 
-    def publish(
-        self, chain: Sequence[CacheEntry], taken: Sequence[tuple[bytes, KVObj, int]]
+    def _publish(
+        self, chain: Sequence[CacheEntry], taken: Sequence[Taken]
     ) -> tuple[list[CacheEntry], list[CacheEntry]]:
-        """Publish filled slots ``taken`` as the chunks after ``chain`` (pinned by :meth:`walk`), in
-        order; each stays pinned (its caller unpins the whole prefix once done).
+        """Publish filled slots ``taken`` as the chunks after ``chain`` (pinned by :meth:`_walk`), in
+        order; each stays pinned (the reservation unpins the whole prefix once done).
 
         A chunk that another store published meanwhile joins the prefix instead (its slot is given
-        back, and it is pinned).
+        back). One cached under another parent ends the publishing there: its slot and the rest are given
+        back (keys that do not chain never join).
 
         Returns:
             ``(appended, new)``: the entries that now follow ``chain``, and those published here.
@@ -257,9 +335,13 @@ class PrefixIndex:
         with self._lock:
             self._check_pinned(chain, leases=False)
             parent = chain[-1] if chain else None
-            for key, obj, num_tokens in taken:
+            for index, (key, obj, num_tokens) in enumerate(taken):
                 entry = self._entries.get(key)
                 if entry is not None:
+                    if entry.parent is not parent or entry.num_tokens != num_tokens:
+                        for _, rest, _ in taken[index:]:
+                            self._slots.free(rest)
+                        break
                     self._slots.free(obj)
                     self._pin(entry)
                 else:
@@ -276,33 +358,67 @@ class PrefixIndex:
                 parent = entry
         return appended, new
 
-    def give_back(self, slots: Iterable[KVObj]) -> None:
-        """Give slots taken by :meth:`walk` back to the pool unused."""
+    def _give_back(self, slots: Iterable[KVObj]) -> None:
+        """Give slots taken by :meth:`_walk` back to the pool unused."""
         with self._lock:
             for obj in slots:
                 self._slots.free(obj)
 
-    # -- eviction ---------------------------------------------------------------------------------------
-    def clear(self) -> int:
-        """Drop every chunk that is not pinned and give its slot back; return how many.
-
-        Raises:
-            PoolClosedError: the pool was closed (no slot could be given back); nothing is dropped.
-        """
-        with self._lock:
-            if self._slots.closed:
-                raise closed_error()
-            # Pins cover whole prefixes, so the unpinned chunks' descendants are unpinned too: dropping
-            # them all keeps the set prefix-closed.
-            dropped = [entry for entry in self._entries.values() if entry.pins == 0]
-            for entry in dropped:
-                self._slots.free(entry.obj)
-            for entry in dropped:
-                self._remove(entry, evicted=False)
-            self._cleared += len(dropped)
-        return len(dropped)
+    def _abandon_later(self, chain: Sequence[CacheEntry], taken: Sequence[Taken]) -> None:
+        """A reservation collected unfinished: give its slots back and unpin its chain at the next call."""
+        self._dropped.append(("reservation", (list(chain), list(taken))))
 
     # -- internals (under the lock) -------------------------------------------------------------------
+    def _drain(self) -> None:
+        """Give back what collected leases and reservations held (queued by the garbage collector)."""
+        while self._dropped:
+            kind, held = self._dropped.popleft()
+            if kind == "lease":
+                self._release_lease(held)
+            else:
+                chain, taken = held
+                for _, obj, _ in taken:
+                    self._slots.free(obj)
+                self._check_pinned(chain, leases=False)
+                self._unpin(chain, False)
+
+    def _matching(self, keys: Sequence[bytes], tokens: Sequence[int] | None) -> list[CacheEntry]:
+        """The entries of the longest cached prefix of ``keys``, checked to chain (and to have
+        ``tokens``)."""
+        chain: list[CacheEntry] = []
+        entries = self._entries
+        parent = None
+        for position, key in enumerate(keys):
+            entry = entries.get(key)
+            if entry is None:
+                break
+            self._check_link(entry, parent, None if tokens is None else tokens[position], position)
+            chain.append(entry)
+            parent = entry
+        return chain
+
+    def _check_link(
+        self, entry: CacheEntry, parent: CacheEntry | None, num_tokens: int | None, position: int
+    ) -> None:
+        if entry.parent is not parent:
+            raise ConfigError(
+                f"key {position} is cached as the chunk after another prefix: the keys are not one "
+                "prompt's chain; pass cache.keys(tokens) of one prompt, from its first chunk"
+            )
+        if num_tokens is not None and entry.num_tokens != num_tokens:
+            raise ConfigError(
+                f"chunk {position} is cached with {entry.num_tokens} tokens, but the prompt's length gives "
+                f"it {num_tokens}: pass the num_tokens of the prompt whose keys these are"
+            )
+
+    def _release_lease(self, chain: Sequence[CacheEntry]) -> None:
+        self._check_pinned(chain, leases=True)
+        for entry in chain:
+            entry.leases -= 1
+            if entry.leases == 0:
+                self._leased -= 1
+        self._unpin(chain, True)
+
     def _take_slot(self, num_tokens: int, pool_full: bool) -> tuple[KVObj | None, bool]:
         """Get a slot, evicting leaves until one is free.
 
@@ -356,10 +472,15 @@ class PrefixIndex:
                 policy.release(entry.key)
 
     def _check_pinned(self, chain: Sequence[CacheEntry], *, leases: bool) -> None:
+        """Raise unless every entry of ``chain`` holds at least as many pins (and, with ``leases``,
+        leases) as ``chain`` names it."""
+        counts = collections.Counter(id(entry) for entry in chain)
         for entry in chain:
-            if entry.pins < 1 or (leases and entry.leases < 1):
+            needed = counts[id(entry)]
+            if entry.pins < needed or (leases and entry.leases < needed) or entry.key not in self._entries:
                 raise CacheInvariantError(
-                    f"chunk {entry.key.hex()} was unpinned more often than pinned; nothing was unpinned"
+                    f"chunk {entry.key.hex()} would be unpinned more often than it is pinned (or it is not "
+                    "this index's); nothing was unpinned"
                 )
 
     def _next_victim(self) -> CacheEntry | None:
@@ -404,20 +525,25 @@ class Reservation:
     slot, evicting as needed); fill each slot of :attr:`slots`, then :meth:`publish` them (visible from
     then on, still pinned) or go straight to :meth:`commit`, which publishes what is filled, gives the rest
     back and unpins the chain. Until published, new chunks are invisible. A reservation that is aborted
-    (or left by a ``with`` block without a commit) gives its unpublished slots back and unpins its chain.
-    It can be neither copied nor pickled (a copy would commit or abort twice). Not thread-safe: one owner
-    drives it.
+    (or left by a ``with`` block without a commit, or collected unfinished) gives its unpublished slots
+    back and unpins its chain. It can be neither copied nor pickled (a copy would commit or abort twice).
+    Not thread-safe: one owner drives it. It reaches the index only through the index's ``_walk``,
+    ``_publish``, ``_give_back`` and ``_abandon_later``.
     """
 
-    __slots__ = ("_chain", "_done", "_index", "_new", "_pending", "_pool_full")
+    __slots__ = ("__weakref__", "_chain", "_done", "_finalizer", "_index", "_new", "_pending", "_pool_full")
 
     def __init__(self, index: PrefixIndex) -> None:
         self._index = index
         self._chain: list[CacheEntry] = []  # pinned: cached before, or published by this reservation
         self._new: list[CacheEntry] = []  # published by this reservation
-        self._pending: list[tuple[bytes, KVObj, int]] = []  # slots for missing chunks, in key order
+        self._pending: list[Taken] = []  # slots for missing chunks, in key order
         self._pool_full = False
         self._done = False
+        # The lists are handed over, not copied: the finalizer sees what the reservation holds when it
+        # is collected. Not at interpreter exit (the index may be half torn down by then).
+        self._finalizer = weakref.finalize(self, index._abandon_later, self._chain, self._pending)
+        self._finalizer.atexit = False
 
     @property
     def slots(self) -> list[KVObj]:
@@ -429,13 +555,18 @@ class Reservation:
         """The chunks pinned so far, in key order: cached ones, and those published by :meth:`publish`."""
         return list(self._chain)
 
-    def pin(self, keys: Sequence[bytes]) -> int:
-        """Pin the leading cached chunks of ``keys`` (with no slot pending); return how many."""
+    def pin(self, keys: Sequence[bytes], tokens: Sequence[int] | None = None) -> int:
+        """Pin the leading cached chunks of ``keys`` (with no slot pending); return how many.
+
+        Raises:
+            ConfigError: the keys do not chain (or ``tokens`` differ from the cached chunks').
+        """
         self._check_open()
         if self._pending:
             raise CacheInvariantError("pin() needs every taken slot published first")
-        pinned, _, _, _ = self._index.walk(
-            keys, [0] * len(keys), pool_full=False, after_missing=False, take=False
+        checked: Sequence[int | None] = [None] * len(keys) if tokens is None else tokens
+        pinned, _, _, _ = self._index._walk(
+            keys, checked, self._tail(), pool_full=False, after_missing=False, take=False
         )
         self._chain += pinned
         return len(pinned)
@@ -443,10 +574,14 @@ class Reservation:
     def extend(self, keys: Sequence[bytes], tokens: Sequence[int]) -> int:
         """Walk ``keys`` (the chunks after those walked before; ``tokens[i]`` tokens each): pin cached
         chunks (while no slot is pending), take a slot for each missing one. Returns how many keys were
-        walked: fewer than given when a chunk got no slot (nothing left to evict)."""
+        walked: fewer than given when a chunk got no slot (nothing left to evict).
+
+        Raises:
+            ConfigError: the keys do not chain, or a cached chunk has another token count.
+        """
         self._check_open()
-        pinned, taken, walked, self._pool_full = self._index.walk(
-            keys, tokens, pool_full=self._pool_full, after_missing=bool(self._pending)
+        pinned, taken, walked, self._pool_full = self._index._walk(
+            keys, tokens, self._tail(), pool_full=self._pool_full, after_missing=bool(self._pending)
         )
         self._chain += pinned
         self._pending += taken
@@ -457,8 +592,8 @@ class Reservation:
         cached meanwhile (then it is published once, by whoever publishes first); None when no slot can
         be had."""
         self._check_open()
-        _, taken, _, self._pool_full = self._index.walk(
-            [key], [num_tokens], pool_full=self._pool_full, after_missing=True
+        _, taken, _, self._pool_full = self._index._walk(
+            [key], [num_tokens], self._tail(), pool_full=self._pool_full, after_missing=True
         )
         self._pending += taken
         return taken[0][1] if taken else None
@@ -468,14 +603,14 @@ class Reservation:
         self._check_open()
         if self._pending:
             _, obj, _ = self._pending.pop()
-            self._index.give_back([obj])
+            self._index._give_back([obj])
 
     def publish(self) -> None:
         """Publish every pending slot (filled by now): visible from here on, still pinned."""
         self._check_open()
         if self._pending:
-            appended, new = self._index.publish(self._chain, self._pending)
-            self._pending = []
+            appended, new = self._index._publish(self._chain, self._pending)
+            self._pending.clear()
             self._chain += appended
             self._new += new
 
@@ -491,19 +626,26 @@ class Reservation:
         Returns:
             ``(prefix, new)``: every chunk of the prefix now cached, in key order, and those this
             reservation published.
+
+        Raises:
+            ConfigError: ``count`` is not an int >= 0 (nothing changes).
         """
         self._check_open()
-        keep = len(self._pending) if count is None else max(0, min(count, len(self._pending)))
-        rest, self._pending = self._pending[keep:], self._pending[:keep]
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int) or count < 0):
+            raise ConfigError(f"count must be None or an int >= 0 (slots filled), got {count!r}")
+        keep = len(self._pending) if count is None else min(count, len(self._pending))
+        rest = self._pending[keep:]
+        del self._pending[keep:]
         if rest:
-            self._index.give_back(obj for _, obj, _ in rest)
+            self._index._give_back(obj for _, obj, _ in rest)
         self.publish()
         self._done = True
-        chain, new = self._chain, self._new
+        self._finalizer.detach()
+        chain, new = list(self._chain), list(self._new)
         if hold and new:
             self._index.hold(chain[: chain.index(new[-1]) + 1])
         self._index.unpin(chain, touch=True)
-        return list(chain), list(new)
+        return chain, new
 
     def abort(self) -> None:
         """Give the unpublished slots back and unpin the chain without a use (chunks published already
@@ -511,9 +653,14 @@ class Reservation:
         if self._done:
             return
         self._done = True
+        self._finalizer.detach()
         if self._pending:
-            self._index.give_back(obj for _, obj, _ in self._pending)
+            self._index._give_back(obj for _, obj, _ in self._pending)
+            self._pending.clear()
         self._index.unpin(self._chain, touch=False)
+
+    def _tail(self) -> CacheEntry | None:
+        return self._chain[-1] if self._chain else None
 
     def _check_open(self) -> None:
         if self._done:

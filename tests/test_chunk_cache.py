@@ -364,7 +364,7 @@ TOKEN_CASES: list[tuple[str, Any, type[Exception], str]] = [
 
 
 def _snapshot(cache: ChunkCache) -> tuple[CacheStats, list[bytes], int]:
-    return cache.stats(), sorted(cache.index.keys()), cache.pool.stats().used
+    return cache.stats(), sorted(cache.cached_keys()), cache.pool.stats().used
 
 
 @pytest.mark.parametrize(

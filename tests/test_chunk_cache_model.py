@@ -204,8 +204,8 @@ class CacheModel(RuleBasedStateMachine):
     def cached_chunks_are_the_models(self) -> None:
         """The exact set after every step: one wrong victim (eviction out of the model's LRU order)
         shows here, through the index's public view."""
-        assert set(self.cache.index.keys()) == {self.impl_key[chunk] for chunk in self.cached}
-        assert all(self.impl_key[chunk] in self.cache.index for chunk in self.cached)
+        assert set(self.cache.cached_keys()) == {self.impl_key[chunk] for chunk in self.cached}
+        assert all(self.impl_key[chunk] in self.cache for chunk in self.cached)
 
     @invariant()
     def leased_chunks_hold_their_bytes(self) -> None:

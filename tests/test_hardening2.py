@@ -259,13 +259,19 @@ def test_6_out_that_views_the_pool_is_refused(backend: str) -> None:
     cache, first, second, lease = _two_leased_prompts(backend)
     before = cache.stats()
     victim = lease.chunks[0]
-    for out in (victim.data, victim.as_numpy()):
+    arena = cache.pool.arena  # writable views of the arena: the victim's slot, and the start of the arena
+    elems = int(np.prod((2, 2, CHUNK, 2, 8)))
+    slot_view = arena[victim.chunk_idx][:elems].reshape(2, 2, CHUNK, 2, 8)
+    whole = arena.reshape(-1)[:elems].reshape(2, 2, CHUNK, 2, 8)
+    for out in (slot_view, whole):
         with pytest.raises(OverlapError, match="overlaps the cache's pool"):
             cache.retrieve(first, out=out)
-    arena = cache.pool.arena  # the whole arena, reshaped into a prompt-sized out
-    whole = arena.reshape(-1)[: int(np.prod((2, 2, CHUNK, 2, 8)))].reshape(2, 2, CHUNK, 2, 8)
-    with pytest.raises(OverlapError):
-        cache.retrieve(first, out=whole)
+    if backend == "torch":  # a lease's torch view is writable memory of the pool too
+        with pytest.raises(OverlapError):
+            cache.retrieve(first, out=victim.data)
+    else:  # numpy views of a lease are read-only
+        with pytest.raises(ChunkTypeError, match="read-only"):
+            cache.retrieve(first, out=victim.data)
     assert cache.stats() == before
     assert same_bits(to_host(victim.data), prefix_kv(second))
     _, n = cache.retrieve(second)

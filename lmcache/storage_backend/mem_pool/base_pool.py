@@ -271,15 +271,31 @@ class KVBatch(Sequence[KVObj]):
     """
 
     __slots__ = ("_chunk_idx", "_num_tokens", "_objs", "_pool", "_ticket0")
+    _pool: ChunkOwner
+    _chunk_idx: tuple[int, ...]
+    _num_tokens: tuple[int, ...]
+    _ticket0: int
+    _objs: list[KVObj | None] | None
 
-    def __init__(
-        self, pool: ChunkOwner, chunk_idx: Sequence[int], num_tokens: Sequence[int], first_ticket: int
-    ) -> None:
-        self._pool = pool
-        self._chunk_idx = tuple(chunk_idx)
-        self._num_tokens = tuple(num_tokens)
-        self._ticket0 = first_ticket
-        self._objs: list[KVObj | None] | None = None
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        raise TypeError(
+            "a KVBatch is made by pool.allocate_batch(chunks); it cannot be built by hand (a batch built "
+            "from other handles' slots and tickets would be a second owner of them)"
+        )
+
+    @classmethod
+    def _issue(
+        cls, pool: ChunkOwner, chunk_idx: Sequence[int], num_tokens: Sequence[int], first_ticket: int
+    ) -> KVBatch:
+        """The batch of slots ``pool``'s allocator handed out with tickets ``first_ticket, ...`` (for
+        pools only)."""
+        batch = cls.__new__(cls)
+        batch._pool = pool
+        batch._chunk_idx = tuple(chunk_idx)
+        batch._num_tokens = tuple(num_tokens)
+        batch._ticket0 = first_ticket
+        batch._objs = None
+        return batch
 
     @property
     def pool(self) -> ChunkOwner:

@@ -241,7 +241,7 @@ class LocalPool(BasePool):
         if taken is None:
             return None
         slots, first_ticket = taken
-        return KVBatch(self, slots, tokens, first_ticket)
+        return KVBatch._issue(self, slots, tokens, first_ticket)
 
     def free_batch(self, kv_objs: Iterable[KVObj], *, wait_for: Any = None) -> None:
         """Free several KVObjs (or a whole :class:`KVBatch`); every handle is checked before any is
