@@ -91,6 +91,14 @@ def remote(session: nox.Session) -> None:
 
 
 @nox.session
+def policies(session: nox.Session) -> None:
+    """The whole Mooncake traces replayed through the real cache: leaf LRU against an independent
+    simulator at every capacity from 1k to 50k chunks (minutes; the other sessions replay a sample)."""
+    session.install(".", *TEST_DEPS)
+    session.run("pytest", "tests/test_replay.py", *session.posargs, env={"LMCACHE_REPLAY_FULL": "1"})
+
+
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
     session.install(*nox.project.dependency_groups(PYPROJECT, "lint"))

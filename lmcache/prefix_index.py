@@ -487,9 +487,10 @@ class PrefixIndex:
         """The policy's next victim that is a leaf, parking those that still have cached children."""
         policy = self._policy
         while True:
-            key = policy.victim()
-            if key is None:
+            chosen = policy.victim()
+            if chosen is None:
                 return None
+            key: bytes = chosen  # type: ignore[assignment]  # the index gives policies bytes keys only
             entry = self._entries.get(key)
             if entry is None or entry.pins:
                 raise CacheInvariantError(
@@ -514,7 +515,8 @@ class PrefixIndex:
             parent.children -= 1
             if not parent.children and parent.parked and parent.key in self._entries:
                 parent.parked = False
-                self._policy.release(parent.key)  # not used since parked: back at the cold end
+                if not parent.pins:  # a pinned one stays held: its unpin releases it
+                    self._policy.release(parent.key)  # not used since parked: back at the cold end
 
 
 class Reservation:

@@ -41,7 +41,7 @@ class CacheModel(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.pool = cache_pool(self.backend, slots=SLOTS)
-        self.cache = ChunkCache(self.pool, namespace="model")
+        self.cache = ChunkCache(self.pool, namespace="model", policy="lru")
         self.cached: dict[Prefix, Prefix | None] = {}  # chunk (its whole prefix) -> parent chunk
         self.recency: list[Prefix] = []  # least recently used first
         self.impl_key: dict[Prefix, bytes] = {}

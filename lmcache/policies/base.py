@@ -22,7 +22,22 @@ histories, sketches) must stay bounded by a small multiple of its capacity.
 
 from __future__ import annotations
 
+from collections.abc import Hashable
 from typing import Protocol
+
+#: What policies key on: the cache's 16-byte chunk keys (any hashable works, for simulators).
+Key = Hashable
+_MASK64 = (1 << 64) - 1
+
+
+def key_hash(key: Key) -> int:
+    """A 64-bit hash of a key that is the same in every process for ``bytes`` and ``int`` keys.
+
+    Python's ``hash`` of ``bytes`` is salted per process (PYTHONHASHSEED); the cache's keys are already
+    uniform digests, so their first 8 bytes are hash enough. Other keys fall back to ``hash``."""
+    if isinstance(key, bytes):
+        return int.from_bytes(key[:8], "little")
+    return hash(key) & _MASK64
 
 
 class EvictionPolicy(Protocol):
@@ -34,37 +49,37 @@ class EvictionPolicy(Protocol):
     #: The policy's registered name (``"lru"``, ``"arc"`` ...), shown in the cache's repr and stats.
     name: str
 
-    def insert(self, key: bytes, parent: bytes | None) -> None:
+    def insert(self, key: Key, parent: Key | None) -> None:
         """A new chunk entered the cache (its first use), below ``parent`` (None for a first chunk).
 
         It is held until :meth:`release`.
         """
         ...
 
-    def touch(self, key: bytes) -> None:
+    def touch(self, key: Key) -> None:
         """A cached chunk was used (a hit); it may be held or a candidate."""
         ...
 
-    def hold(self, key: bytes) -> None:
+    def hold(self, key: Key) -> None:
         """The candidate ``key`` cannot be evicted until :meth:`release` (pinned, or a parked victim)."""
         ...
 
-    def release(self, key: bytes) -> None:
+    def release(self, key: Key) -> None:
         """The held chunk ``key`` is a candidate again, placed by its uses since :meth:`hold`."""
         ...
 
-    def victim(self) -> bytes | None:
+    def victim(self) -> Key | None:
         """Return the candidate to evict next (it stays a candidate until :meth:`evict` or :meth:`hold`),
         or None when there is none."""
         ...
 
-    def evict(self, key: bytes) -> None:
+    def evict(self, key: Key) -> None:
         """The candidate ``key`` was evicted to make room (ghost lists may remember it)."""
         ...
 
-    def discard(self, key: bytes) -> None:
+    def discard(self, key: Key) -> None:
         """The chunk ``key`` (held or a candidate) left the cache otherwise: the cache was cleared."""
         ...
 
 
-__all__ = ["EvictionPolicy"]
+__all__ = ["EvictionPolicy", "Key", "key_hash"]

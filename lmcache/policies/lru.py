@@ -4,60 +4,59 @@ from __future__ import annotations
 
 from collections import OrderedDict
 
+from lmcache.policies.base import Key
+
 
 class LRUPolicy:
-    """Evicts the candidate used least recently.
+    """Least recently used.
 
-    The cache touches a prefix tail-first (a parent after its children), so a parent is always more
-    recent than its children and the coldest candidate is a leaf: the index never has to park one.
-
-    Invariants: every cached key is in exactly one of ``_order`` (candidates, coldest first) and
-    ``_held`` (held keys -> whether touched since held).
+    Invariants: ``_order`` holds every cached chunk except the lifted ones, coldest first; ``_held`` is
+    the set of held chunks; ``_lifted`` is the subset of held chunks that ``victim()`` took out of
+    ``_order`` (each was the coldest chunk when it was lifted).
     """
 
     name = "lru"
 
     def __init__(self, capacity: int) -> None:
-        self._order: OrderedDict[bytes, None] = OrderedDict()
-        self._held: dict[bytes, bool] = {}
+        self._order: OrderedDict[Key, None] = OrderedDict()
+        self._held: set[Key] = set()
+        self._lifted: set[Key] = set()
 
-    def insert(self, key: bytes, parent: bytes | None) -> None:
-        """Hold a new chunk, as just used."""
-        self._held[key] = True
+    def insert(self, key: Key, parent: Key | None) -> None:
+        self._order[key] = None
+        self._held.add(key)
 
-    def touch(self, key: bytes) -> None:
-        """Mark ``key`` used now."""
-        if key in self._held:
-            self._held[key] = True
+    def touch(self, key: Key) -> None:
+        if key in self._lifted:
+            self._lifted.remove(key)
+            self._order[key] = None
         else:
             self._order.move_to_end(key)
 
-    def hold(self, key: bytes) -> None:
-        """Take ``key`` out of the candidates."""
-        del self._order[key]
-        self._held[key] = False
+    def hold(self, key: Key) -> None:
+        self._held.add(key)
 
-    def release(self, key: bytes) -> None:
-        """Return ``key`` to the candidates: most recent if touched while held, else coldest."""
-        touched = self._held.pop(key)
-        self._order[key] = None
-        if not touched:
+    def release(self, key: Key) -> None:
+        self._held.remove(key)
+        if key in self._lifted:  # lifted while coldest and not used since: back at the cold end
+            self._lifted.remove(key)
+            self._order[key] = None
             self._order.move_to_end(key, last=False)
 
-    def victim(self) -> bytes | None:
-        """The coldest candidate."""
-        return next(iter(self._order), None)
+    def victim(self) -> Key | None:
+        order, held = self._order, self._held
+        while order:
+            key = next(iter(order))
+            if key not in held:
+                return key
+            del order[key]
+            self._lifted.add(key)
+        return None
 
-    def evict(self, key: bytes) -> None:
-        """Forget ``key`` (no history is kept)."""
+    def evict(self, key: Key) -> None:
         del self._order[key]
 
-    def discard(self, key: bytes) -> None:
-        """Forget ``key``, held or not."""
-        if key in self._order:
-            del self._order[key]
-        else:
-            del self._held[key]
-
-
-__all__ = ["LRUPolicy"]
+    def discard(self, key: Key) -> None:
+        self._order.pop(key, None)
+        self._held.discard(key)
+        self._lifted.discard(key)
