@@ -38,7 +38,9 @@ def token_ids(tokens: Any) -> np.ndarray:
             bool anywhere in a list is refused too (numpy would read ``True`` as 1).
         TokensValueError: nested or ragged, or an id outside the int64 range (Python ints included).
     """
-    if tokens is None or isinstance(tokens, (str, bytes, bytearray, int, float, complex, np.generic)):
+    if tokens is None or isinstance(
+        tokens, (str, bytes, bytearray, memoryview, int, float, complex, np.generic)
+    ):
         raise TokensTypeError(
             f"tokens must be a 1-D sequence of integer token ids (list, tuple, numpy, torch or JAX "
             f"array), got a {type(tokens).__name__}"
@@ -57,11 +59,19 @@ def token_ids(tokens: Any) -> np.ndarray:
     kind = ids.dtype.kind
     if ids.shape == (0,):  # an empty list reads as float64: no ids is a valid (empty) prompt
         return np.empty(0, dtype=_INT64_LE)
-    if kind == "O" and ids.ndim == 1 and all(map(_is_int, ids.tolist())):
-        raise TokensValueError(
-            f"token ids must fit in int64 (-2**63 .. 2**63 - 1); got ids from {min(ids.tolist())} to "
-            f"{max(ids.tolist())}"
-        )
+    # Python ints that numpy could not hold as int64 come out as objects (or as floats, mixed with
+    # negative ones); an object array of small ints is fine. Either way: range-check the ints themselves.
+    from_python = kind == "f" and not hasattr(tokens, "dtype")
+    if ids.ndim == 1 and (kind == "O" or from_python):
+        values = ids.tolist() if kind == "O" else list(tokens)
+        if all(map(_is_int, values)):  # Python ints numpy could not hold as int64, or mixed
+            if min(values) < -(2**63) or max(values) > _INT64_MAX:
+                raise TokensValueError(
+                    f"token ids must fit in int64 (-2**63 .. 2**63 - 1); got ids from {min(values)} to "
+                    f"{max(values)}"
+                )
+            ids = np.asarray(values, dtype=np.int64)
+            kind = "i"
     if kind not in "iu":
         raise TokensTypeError(
             f"tokens must be integer ids, got dtype {ids.dtype} (from a {type(tokens).__name__}); "
@@ -73,12 +83,17 @@ def token_ids(tokens: Any) -> np.ndarray:
         )
     if kind == "u" and ids.dtype.itemsize == 8 and ids.size and int(ids.max()) > _INT64_MAX:
         raise TokensValueError("token ids must fit in int64; got a uint64 id above 2**63 - 1")
-    if isinstance(tokens, (list, tuple)):
-        # numpy reads True as 1 and False as 0 in a list of ints: look at the items that became 0 or 1
+    if not hasattr(tokens, "dtype") and hasattr(tokens, "__getitem__"):
+        # numpy reads True as 1 and False as 0 among ints (Python, numpy or torch bools, 0-d arrays):
+        # look at the items that became 0 or 1
         for index in np.flatnonzero((ids >= 0) & (ids <= 1)).tolist():
-            if isinstance(tokens[index], (bool, np.bool_)):
+            item = tokens[index]
+            if isinstance(item, (bool, np.bool_)) or str(getattr(item, "dtype", "")) in (
+                "bool",
+                "torch.bool",
+            ):
                 raise TokensTypeError(
-                    f"tokens[{index}] is {tokens[index]!r}, a bool: a bool is not a token id; pass ints"
+                    f"tokens[{index}] is {item!r}, a bool: a bool is not a token id; pass ints"
                 )
     return np.ascontiguousarray(ids, dtype=_INT64_LE)
 

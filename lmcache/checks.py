@@ -13,6 +13,8 @@ import importlib.util
 import operator
 from typing import Any
 
+import numpy as np
+
 from lmcache.dtypes import normalize_dtype
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, OverlapError
 from lmcache.layout import SlotLayout
@@ -62,6 +64,8 @@ class ChunkChecker:
             ) from None
         try:
             dims = tuple(operator.index(dim) for dim in shape)
+            if any(isinstance(dim, (bool, np.bool_)) for dim in shape):
+                raise TypeError("a bool is not a dimension")
         except TypeError:
             raise ChunkTypeError(
                 f"kv_chunk.shape must be a sequence of ints, got {shape!r}; pass an array of the chunk"

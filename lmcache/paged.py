@@ -313,6 +313,10 @@ def _as_int_array(block_ids: Any) -> np.ndarray:
     if isinstance(block_ids, (str, bytes)) or np.isscalar(block_ids) or block_ids is None:
         raise ChunkTypeError(f"block_ids must be a 1-D sequence of integers, got {type(block_ids).__name__}")
     if framework_of_array(block_ids) == "torch":
+        if block_ids.is_meta:
+            raise ChunkTypeError(
+                "block_ids is a meta tensor, which holds no ids; pass the block table itself"
+            )
         block_ids = block_ids.detach().cpu().numpy()
     try:
         ids = np.asarray(block_ids)

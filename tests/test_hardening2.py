@@ -402,3 +402,211 @@ def test_14_a_paged_cache_inside_the_pool_is_refused() -> None:
     assert cache.stats() == before
     _, n = cache.retrieve(tokens)
     assert n == CHUNK
+
+
+# -- the adversarial pass after the fixes above (issue 19: "a fresh adversarial pass of your own") --------
+def test_a_batch_cannot_be_built_by_hand(backend: str) -> None:
+    from lmcache.storage_backend.mem_pool import KVBatch
+
+    pool = small_pool(backend, slots=2)
+    victim = pool.put(_chunk(backend))
+    with pytest.raises(TypeError, match="allocate_batch"):
+        KVBatch(pool, [victim.chunk_idx], [victim.num_tokens], victim.generation)
+    assert pool.stats().used == 1
+
+
+@pytest.mark.parametrize("backend", HOST_BACKENDS)
+def test_lease_chunks_are_lent_read_only_and_end_with_the_lease(backend: str) -> None:
+    from lmcache.errors import ReadOnlyHandleError
+
+    require(backend)
+    cache = ChunkCache(cache_pool(backend, slots=4))
+    tokens = list(range(2 * CHUNK))
+    cache.store(tokens, to_native(prefix_kv(tokens), backend))
+    lease = cache.lease(tokens)
+    chunk = lease.chunks[0]
+    with pytest.raises(ForeignHandleError):
+        cache.pool.free(chunk)
+    with pytest.raises(ReadOnlyHandleError):
+        chunk.copy_from(_chunk(backend, seed=3))
+    assert not chunk.as_numpy().flags.writeable
+    assert same_bits(chunk.clone("numpy"), prefix_kv(tokens)[:, :, :CHUNK])
+    lease.release()
+    with pytest.raises(StaleHandleError):
+        chunk.as_numpy()
+    out, n = cache.retrieve(tokens)
+    assert n == 2 * CHUNK
+    assert same_bits(to_host(out), prefix_kv(tokens))
+
+
+def test_pending_store_slots_are_lent_until_the_commit() -> None:
+    cache = ChunkCache(cache_pool("numpy", slots=4))
+    tokens = list(range(2 * CHUNK))
+    pending = cache.begin_store(cache.keys(tokens), len(tokens))
+    with pytest.raises(ForeignHandleError):
+        cache.pool.free(pending.slots[0])
+    kv = prefix_kv(tokens)
+    for index, slot in enumerate(pending.slots):
+        slot.copy_from(kv[:, :, index * CHUNK : (index + 1) * CHUNK])
+    kept = pending.slots[0]
+    for bad in (True, "1", -1):
+        with pytest.raises(ConfigError, match="count"):
+            pending.commit(bad)  # type: ignore[arg-type]
+    pending.commit()
+    with pytest.raises(StaleHandleError):
+        kept.copy_from(_chunk("numpy", seed=9))
+    out, n = cache.retrieve(tokens)
+    assert n == 2 * CHUNK
+    assert same_bits(out, kv)
+
+
+def test_keys_that_are_not_one_prompts_chain_are_refused() -> None:
+    cache = ChunkCache(cache_pool("numpy", slots=8))
+    a, b = list(range(2 * CHUNK)), list(range(500, 500 + 2 * CHUNK))
+    cache.store(a, prefix_kv(a))
+    cache.store(b, prefix_kv(b))
+    ka, kb = cache.keys(a), cache.keys(b)
+    before = cache.stats()
+    for call in (
+        lambda: cache.begin_store([kb[1]], CHUNK),
+        lambda: cache.lease_keys([ka[0], kb[1]], 2 * CHUNK),
+        lambda: cache.lookup_keys([kb[1]], CHUNK),
+        lambda: cache.lease_keys(ka, 2 * CHUNK - 3),  # a's second chunk holds 16 tokens, not 13
+    ):
+        with pytest.raises(ConfigError):
+            call()
+    assert cache.stats() == before
+    with pytest.raises(ConfigError, match="chunk keys of 16 bytes"):
+        cache.lookup_keys(iter([1, 2]), 2 * CHUNK)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="sequence of chunk keys"):
+        cache.lookup_keys(5, 2 * CHUNK)  # type: ignore[arg-type]
+
+
+def test_begin_store_on_a_closed_pool_leaves_no_pin() -> None:
+    cache = ChunkCache(cache_pool("numpy", slots=4))
+    tokens = list(range(2 * CHUNK))
+    cache.store(tokens[:CHUNK], prefix_kv(tokens[:CHUNK]))
+    cache.pool.close()
+    with pytest.raises(PoolClosedError):
+        cache.begin_store(cache.keys(tokens), len(tokens))
+    assert cache.stats().pinned == 0
+
+
+def test_a_dropped_lease_or_pending_store_gives_its_pins_back() -> None:
+    import gc
+
+    cache = ChunkCache(cache_pool("numpy", slots=4))
+    tokens = list(range(2 * CHUNK))
+    cache.store(tokens, prefix_kv(tokens))
+    cache.lease(tokens)  # dropped at once
+    cache.begin_store(cache.keys(list(range(900, 900 + CHUNK))), CHUNK)  # dropped unfinished
+    gc.collect()
+    stats = cache.stats()
+    assert (stats.pinned, stats.leased) == (0, 0)
+    assert cache.pool.stats().used == 2
+
+
+def test_a_policy_object_serves_one_cache() -> None:
+    from lmcache.policies import LRUPolicy
+
+    policy = LRUPolicy(4)
+    first = ChunkCache(cache_pool("numpy", slots=4), policy=policy)
+    with pytest.raises(ConfigError, match="already serves another cache"):
+        ChunkCache(cache_pool("numpy", slots=4), policy=policy)
+    assert first.policy is policy
+
+
+def test_more_token_shapes_that_are_not_ids() -> None:
+    import collections
+
+    from lmcache.cache_keys import token_ids
+    from lmcache.errors import TokensTypeError, TokensValueError
+
+    for tokens in ([5, np.array(True), 7], collections.deque([1, True]), memoryview(b"ab")):
+        with pytest.raises(TokensTypeError):
+            token_ids(tokens)
+    with pytest.raises(TokensValueError, match="fit in int64"):
+        token_ids([-1, 2**63])
+    assert token_ids(np.array([1, 2], dtype=object)).tolist() == [1, 2]
+
+
+def test_a_meta_block_table_and_a_bad_thread_safe_are_project_errors() -> None:
+    torch = require("torch")
+    cache = ChunkCache(cache_pool("torch", slots=4))
+    tokens = list(range(CHUNK))
+    layers = [torch.zeros(2, 2, 16, 2, 8, dtype=torch.float16) for _ in range(2)]
+    with pytest.raises(ChunkTypeError, match="meta"):
+        cache.store_paged(tokens, layers, torch.empty(1, dtype=torch.int64, device="meta"), layout="vllm")
+    with pytest.raises(ConfigError, match="thread_safe"):
+        small_pool("numpy", thread_safe="no")
+
+
+def test_a_jax_owner_never_gets_the_view_object_a_previous_owner_holds() -> None:
+    jnp = require("jax").numpy
+    pool = small_pool("jax", slots=1)
+    first = pool.put(_chunk("jax", seed=1))
+    old_view = first.data
+    pool.free(first)
+    second = pool.put(_chunk("jax", seed=2))
+    assert second.data is not old_view
+    old_view.delete()
+    assert same_bits(np.asarray(second.data), np.asarray(_chunk("jax", seed=2)))
+    assert isinstance(second.data, type(jnp.zeros(1)))
+
+
+@pytest.mark.parametrize(
+    ("url", "fragment"),
+    [
+        (f"redis://{HOST}:6390/0?db=0;password={SECRET}", SECRET),
+        (f"redis://{HOST}:6390/0?db=0&password={SECRET}&foo=1", SECRET),
+    ],
+)
+def test_query_forms_never_show_and_unknown_options_fail_at_once(url: str, fragment: str) -> None:
+    require_client()
+    from lmcache.remote import RedisTier
+
+    with pytest.raises(ConfigError) as caught:
+        RedisTier(url)
+    assert fragment not in str(caught.value)
+
+
+def test_remote_ttl_must_be_finite_and_unix_paths_may_hold_at_signs(tmp_path: Any) -> None:
+    require_client()
+    from lmcache.remote import RedisTier
+
+    for ttl in (float("inf"), float("nan")):
+        with pytest.raises(ConfigError, match="ttl"):
+            RedisTier(f"redis://{HOST}:6390/0", ttl=ttl)
+    tier = RedisTier(f"unix://{tmp_path}/a@b/redis.sock")
+    assert "a@b" in repr(tier)
+    tier.close(0.1)
+
+
+def test_a_trickled_handshake_is_bounded_too() -> None:
+    """The connection handshake (HELLO, CLIENT SETINFO) counts against socket_timeout as a whole."""
+    require_client()
+    from lmcache.remote import RedisTier
+
+    class Slow(TricklingServer):
+        def _answer(self, conn: socket.socket) -> None:  # every reply trickled, the handshake's too
+            with conn:
+                conn.settimeout(5)
+                try:
+                    conn.recv(65536)
+                    for byte in b"%1\r\n$5\r\nproto\r\n:3\r\n":
+                        conn.sendall(bytes([byte]))
+                        time.sleep(0.1)
+                except OSError:
+                    return
+
+    server = Slow(16)
+    try:
+        tier = RedisTier(server.url, socket_timeout=0.5, connect_timeout=0.5)
+        cache = ChunkCache(cache_pool("numpy", slots=2), remote=tier)
+        started = time.monotonic()
+        assert cache.retrieve(list(range(CHUNK))) == (None, 0)
+        assert time.monotonic() - started < 2.0
+        assert cache.stats().remote_errors >= 1
+        tier.close(0.2)
+    finally:
+        server.close()

@@ -154,6 +154,7 @@ class RecordingHost:
 
     redis_errors: tuple[type[BaseException], ...] = (OSError,)
     read_errors: tuple[type[BaseException], ...] = (OSError, ValueError)
+    socket_timeout = 1.0
 
     def __init__(self, values: list[bytes | None]) -> None:
         self.values = values

@@ -20,6 +20,7 @@ import ctypes
 import ctypes.util
 import glob
 import os
+import sys
 from functools import partial
 from typing import Any, cast
 
@@ -57,12 +58,23 @@ def _import_host(bits: np.ndarray, spec: DTypeSpec) -> jax.Array:
     return array
 
 
-def _pristine(array: Any) -> bool:
-    """Whether a cached view is as it was made: not deleted (``delete()``, donation), no attributes set.
+#: References to a kept view held by nobody but the arena: its kept tuple, and getrefcount's argument.
+_KEPT_ONLY = 2
 
-    jax.Arrays are immutable otherwise, so such a view can be handed to the next owner as its own.
+
+def _pristine(array: Any) -> bool:
+    """Whether a kept view can be handed to a new owner as its own: nobody else holds it (a previous
+    owner that kept its view could ``delete()`` or donate it, and the new owner's array would die with
+    it), it is not deleted, and no attributes were set on it.
+
+    jax.Arrays are immutable otherwise. Call it on the kept tuple's element directly (no other reference).
     """
-    return array is not None and not array.is_deleted() and not vars(array)
+    return (
+        array is not None
+        and sys.getrefcount(array) <= _KEPT_ONLY + 1
+        and not array.is_deleted()
+        and not vars(array)
+    )
 
 
 class JaxCPUArena(HostArena):
@@ -84,7 +96,7 @@ class JaxCPUArena(HostArena):
     def view(self, slot: int, num_tokens: int) -> jax.Array:
         """Return the jax.Array view of a chunk: the kept one if pristine, else a new one."""
         kept = self._kept[slot]
-        if kept is not None and kept[0] == num_tokens and _pristine(kept[1]):
+        if kept is not None and kept[0] == num_tokens and _pristine(kept[1]):  # +1: _pristine's parameter
             return cast(jax.Array, kept[1])
         view = self._native(self.host_view(slot, num_tokens, bits=True))
         self._kept[slot] = (num_tokens, view)
@@ -92,10 +104,9 @@ class JaxCPUArena(HostArena):
 
     def whole(self) -> jax.Array:
         """Return the whole arena as a jax.Array: the kept one if pristine, else a new one."""
-        view = self._whole_view
-        if view is None or not _pristine(view):
-            view = self._whole_view = self._native(self.bits)
-        return view
+        if self._whole_view is None or not _pristine(self._whole_view):
+            self._whole_view = self._native(self.bits)
+        return self._whole_view
 
     def close(self) -> None:
         """Drop the kept views; memory lives on while any view of it does."""
@@ -371,8 +382,9 @@ class JaxAdapter:
         return MemoryExtent(name, address, address + nbytes, False)
 
     def wait(self, array: Any) -> None:
-        """Block until the array is computed."""
-        array.block_until_ready()
+        """Block until the array is computed (a deleted array has nothing left to wait for)."""
+        if not array.is_deleted():
+            array.block_until_ready()
 
     def concat_tokens(self, arrays: list[Any]) -> jax.Array:
         """``jnp.concatenate`` on the token axis, waited for."""

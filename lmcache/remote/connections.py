@@ -21,12 +21,20 @@ from typing import Any
 
 from lmcache.errors import BackendUnavailableError, ConfigError
 from lmcache.remote.format import EXTRA_HINT
-from lmcache.remote.replies import WRONG_TYPE, ReplyReader, ServerError, pack_commands, raw_socket
+from lmcache.remote.replies import (
+    WRONG_TYPE,
+    ReplyReader,
+    ServerError,
+    connect_within,
+    pack_commands,
+    raw_socket,
+)
 from lmcache.remote.stats import Counters
 
 logger = logging.getLogger("lmcache.remote")
 
 _URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://\S*")
+_PLAIN_VALUE = re.compile(r"[A-Za-z0-9_.-]*")  # a setting's value that may be shown (no separators)
 #: Query arguments redis-py reads that are settings, not credentials: their values may be shown.
 _SHOWN_QUERY = frozenset(
     (
@@ -44,6 +52,18 @@ _SHOWN_QUERY = frozenset(
 )
 
 
+def _userinfo_end(url: str) -> int:
+    """Where the user info of ``url`` ends (the index of its ``@`` after ``://``), or -1 if it has none.
+
+    The last ``@`` of the URL, wherever ``urlsplit`` would end the authority (a password typed unencoded
+    may hold ``/``), except for ``unix://`` URLs, whose path starts with ``/``: an ``@`` in the path is
+    part of a file name, and user info, if any, comes before the path."""
+    scheme, _, rest = url.partition("://")
+    if scheme.lower() == "unix":
+        return -1 if rest.startswith("/") else rest.find("@/")
+    return rest.rfind("@")
+
+
 def redact_url(url: str) -> str:
     """Return ``url`` as it may be shown: user info and every query value that may be a credential
     replaced by ``***``.
@@ -56,15 +76,15 @@ def redact_url(url: str) -> str:
     scheme, sep, rest = url.partition("://")
     if not sep:
         scheme, rest = "", url
-    at = rest.rfind("@")
+    at = _userinfo_end(url) if sep else rest.rfind("@")
     if at >= 0:
         rest = "***@" + rest[at + 1 :]
     base, qmark, query = rest.partition("?")
     if qmark:
         shown = []
-        for pair in query.split("&"):
-            name, equals, _value = pair.partition("=")
-            keep = urllib.parse.unquote(name).lower() in _SHOWN_QUERY
+        for pair in re.split("[&;]", query):
+            name, equals, value = pair.partition("=")
+            keep = urllib.parse.unquote(name).lower() in _SHOWN_QUERY and _PLAIN_VALUE.fullmatch(value)
             shown.append(pair if keep else f"{name}{equals}***" if equals else "***")
         base = base + "?" + "&".join(shown)
     return f"{scheme}://{base}" if sep else base
@@ -79,15 +99,15 @@ def url_secrets(url: str, options: Mapping[str, Any]) -> list[str]:
     """
     found: set[str] = set()
     rest = url.partition("://")[2]
-    at = rest.rfind("@")
+    at = _userinfo_end(url)
     if at >= 0:
         userinfo = rest[:at]
         user, _, password = userinfo.partition(":")
         found.update((userinfo, user, password))
     query = rest[at + 1 :].partition("?")[2].partition("#")[0]
-    for pair in query.split("&"):
+    for pair in re.split("[&;]", query):
         name, _, value = pair.partition("=")
-        if urllib.parse.unquote(name).lower() not in _SHOWN_QUERY:
+        if urllib.parse.unquote(name).lower() not in _SHOWN_QUERY or not _PLAIN_VALUE.fullmatch(value):
             found.add(value)
     for name in ("password", "username"):
         given = options.get(name)
@@ -111,7 +131,7 @@ def check_userinfo(url: str) -> None:
         ConfigError: the user info holds such a character (the message shows none of it).
     """
     rest = url.partition("://")[2]
-    at = rest.rfind("@")
+    at = _userinfo_end(url)
     if at >= 0 and any(mark in rest[:at] for mark in "/?#"):
         raise ConfigError(
             f"the user info of url {redact_url(url)!r} holds '/', '?' or '#', which end a URL's host part: "
@@ -190,7 +210,10 @@ class Connections:
             url = "redis" + url[len("valkey") :]
         try:
             self._client = redis.Redis.from_url(url, **options)
-        except (ValueError, TypeError) as exc:
+            # A connection object checks every option (query arguments, client_options, TLS settings)
+            # when it is made, without connecting: an unusable one fails here, not at the first read.
+            self._client.connection_pool.make_connection()
+        except (ValueError, TypeError, redis.RedisError) as exc:
             raise ConfigError(f"cannot use url {self.url!r}: {self.redact(str(exc))}") from None
         self._counters = counters
         self._socket_timeout = float(socket_timeout)
@@ -313,7 +336,7 @@ class Connections:
         conn = self.borrow()
         reader = None
         try:
-            conn.connect()
+            connect_within(conn, self._socket_timeout)
             sock = raw_socket(conn)
             if sock is None:
                 self.give_back(conn)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from typing import Any, Protocol
 
@@ -23,6 +24,40 @@ from lmcache.remote.format import HEADER, byte_view, check_header, payload_bytes
 logger = logging.getLogger("lmcache.remote")
 
 WRONG_TYPE = object()  # a reply for a key that holds another Redis type (a list, a hash ...)
+
+
+def connect_within(conn: Any, timeout: float) -> None:
+    """Connect ``conn`` (redis-py's handshake included: HELLO, AUTH, SELECT, CLIENT SETINFO) within
+    ``timeout`` seconds in all, not per ``recv``; a no-op when it is connected already.
+
+    A server that trickles the handshake is cut off when the time is up (its connection is closed under
+    the blocked read); whatever a broken handshake raises inside redis-py (a reply of the wrong type
+    gives an ``AttributeError`` there) becomes a :class:`ConnectionError`, a network failure like any
+    other, so no remote fault escapes into the cache.
+    """
+    if getattr(conn, "_sock", None) is not None:  # connected already (redis-py keeps its socket there)
+        return
+    cut_off = threading.Event()
+
+    def cut() -> None:
+        cut_off.set()
+        conn.disconnect()
+
+    watchdog = threading.Timer(timeout, cut)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        conn.connect()
+    except OSError:
+        raise
+    except Exception as exc:  # a hostile or broken server's handshake must fail soft
+        conn.disconnect()
+        raise ConnectionError(f"the server's handshake failed ({type(exc).__name__}: {exc})") from exc
+    finally:
+        watchdog.cancel()
+    if cut_off.is_set():
+        conn.disconnect()
+        raise TimeoutError(f"the server did not complete its handshake within socket_timeout={timeout}s")
 
 
 def raw_socket(conn: Any) -> Any | None:
@@ -124,7 +159,7 @@ class FetchStream:
             return
         conn = host.borrow()
         try:
-            conn.connect()
+            connect_within(conn, host.socket_timeout)
             sock = raw_socket(conn)
             if sock is None:
                 host.give_back(conn)
@@ -385,6 +420,7 @@ def pack_commands(command: bytes, keys: list[bytes]) -> bytes:
 
 __all__ = [
     "WRONG_TYPE",
+    "connect_within",
     "FetchStream",
     "ReplyReader",
     "ServerError",

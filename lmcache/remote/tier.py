@@ -101,8 +101,10 @@ class RedisTier:
         ):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                 raise ConfigError(f"{name} must be a positive number of seconds, got {value!r}")
-        if ttl is not None and (isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or ttl < 0.001):
-            raise ConfigError(f"ttl must be None or at least 0.001 seconds, got {ttl!r}")
+        if ttl is not None and (
+            isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not 0.001 <= ttl < 2**40
+        ):
+            raise ConfigError(f"ttl must be None or a finite number of seconds >= 0.001, got {ttl!r}")
         for name, count in (("queue_size", queue_size), ("batch_bytes", batch_bytes)):
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise ConfigError(f"{name} must be a positive int, got {count!r}")

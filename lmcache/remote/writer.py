@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from lmcache.errors import ConfigError
 from lmcache.remote.format import byte_view, check_shape, encode_header, payload_bytes
-from lmcache.remote.replies import ReplyReader, ServerError, raw_socket
+from lmcache.remote.replies import ReplyReader, ServerError, connect_within, raw_socket
 from lmcache.remote.stats import Counters, RemoteStats
 
 logger = logging.getLogger("lmcache.remote")
@@ -253,7 +253,7 @@ class Writer:
             for write in batch:
                 header = encode_header(write.key, write.payload, write.dtype, write.shape)
                 commands.extend(self._pack_set(write.key, header, write.payload))
-            conn.connect()
+            connect_within(conn, self._link.socket_timeout)
             sock = raw_socket(conn)
             if sock is None:  # redis-py without a socket to use: its own send and parser
                 conn.send_packed_command(commands)

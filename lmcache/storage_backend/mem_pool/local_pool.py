@@ -84,6 +84,8 @@ class LocalPool(BasePool):
             raise ConfigError(f"metadata must be an LMCacheMemPoolMetadata, got {type(metadata).__name__}")
         if pin_memory is not None and not isinstance(pin_memory, bool):
             raise ConfigError(f"pin_memory must be True, False or None, got {pin_memory!r}")
+        if not isinstance(thread_safe, bool):
+            raise ConfigError(f"thread_safe must be True or False, got {thread_safe!r}")
         self.metadata = metadata
         self._slot_alignment = slot_alignment
         #: Slot geometry (stride, alignment, view shapes); what engines registering memory need.
