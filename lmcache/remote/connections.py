@@ -20,9 +20,9 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmcache.errors import BackendUnavailableError, ConfigError
-from lmcache.remote.format import EXTRA_HINT
 from lmcache.remote.replies import WRONG_TYPE, ReplyReader, ServerError, pack_commands, raw_socket
 from lmcache.remote.stats import Counters
+from lmcache.tiers.format import EXTRA_HINT
 
 logger = logging.getLogger("lmcache.remote")
 
