@@ -63,7 +63,7 @@ def temp_files(root: Any) -> list[Path]:
 
 def file_of(disk: Any, key: bytes) -> Path:
     """The path of ``key``'s chunk file (it must be indexed)."""
-    space, hex_key = disk.layout.split(key)
+    _, hex_key = disk.layout.split(key)
     [path] = [p for p in chunk_files(disk.path) if p.name.startswith(hex_key + ".")]
     return path
 

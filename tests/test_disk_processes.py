@@ -16,8 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
-
 from disk_peer import CHUNK_TOKENS, DTYPE, NAMESPACE, SHAPE, cache, kv_of, prompt
+
 from disktest import chunk_files, file_of, read_chunk, require_disk, run_peer, start_peer, temp_files, tier
 
 
@@ -43,11 +43,12 @@ def _check_complete(directory: Path, prompts: int) -> int:
     assert disk is not None
     assert temp_files(directory) == []  # the dead writer's temporary files are gone
     owner = {disk.key(NAMESPACE, key): i for i in range(prompts) for key in restarted.keys(prompt(i))}
-    assert set(disk.keys()) <= set(owner)  # nothing but chunks of the prompts written
-    for key in disk.keys():
+    on_disk = disk.keys()
+    assert set(on_disk) <= set(owner)  # nothing but chunks of the prompts written
+    for key in on_disk:
         tokens = (file_of(disk, key).stat().st_size - 64) // (SHAPE[0] * SHAPE[1] * SHAPE[3] * SHAPE[4] * 2)
         assert read_chunk(disk, key, DTYPE, (*SHAPE[:2], tokens, *SHAPE[3:])) is not None
-    for i in sorted({owner[key] for key in disk.keys()}):
+    for i in sorted({owner[key] for key in on_disk}):
         tokens = prompt(i)
         out, n = restarted.retrieve(tokens)
         if n:
@@ -57,7 +58,7 @@ def _check_complete(directory: Path, prompts: int) -> int:
     assert stats.corrupt == 0  # a killed writer leaves no visible partial file
     assert stats.errors == 0
     restarted.close()
-    return len(disk.keys())
+    return len(on_disk)
 
 
 @pytest.mark.slow
