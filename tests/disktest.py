@@ -7,18 +7,19 @@ The disk tier needs ``xxhash`` (the ``disk`` extra); :func:`require_disk` is its
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
-from kvtest import SMALL_SHAPE, require
+from kvtest import SMALL_SHAPE, require, require_mounts
 from lmcache.dtypes import KV_DTYPES
 
 PEER = Path(__file__).resolve().parent / "disk_peer.py"
@@ -63,8 +64,9 @@ def temp_files(root: Any) -> list[Path]:
 
 def file_of(disk: Any, key: bytes) -> Path:
     """The path of ``key``'s chunk file (it must be indexed)."""
-    _, hex_key = disk.layout.split(key)
-    [path] = [p for p in chunk_files(disk.path) if p.name.startswith(hex_key + ".")]
+    space, hex_key = disk.layout.split(key)
+    directory = Path(disk.layout.directory(space, hex_key))
+    [path] = [p for p in directory.iterdir() if p.name.startswith(hex_key + ".") and p.suffix == ".kv"]
     return path
 
 
@@ -142,3 +144,16 @@ def disk_full(monkeypatch: pytest.MonkeyPatch, free: int = 0) -> list[int]:
 
     monkeypatch.setattr(os, "writev", writev)
     return failures
+
+
+@contextlib.contextmanager
+def mounted(target: Path, *options: str) -> Iterator[Path]:
+    """Mount with ``mount *options ... target`` (a tmpfs of a size, a read-only bind) for the duration;
+    skips unless this process may mount (:func:`kvtest.require_mounts`)."""
+    require_mounts()
+    target.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", *options, str(target)], capture_output=True, check=True)
+    try:
+        yield target
+    finally:
+        subprocess.run(["umount", "-l", str(target)], capture_output=True, check=False)

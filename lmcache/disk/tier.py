@@ -6,6 +6,7 @@ import contextlib
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -210,7 +211,8 @@ class DiskTier:
 
         Returns at once; the payload's memory must stay unchanged until ``on_done(written)`` is called
         (by the writer thread, or here when the write is refused, displaces an older one, or is not
-        needed: a chunk already on disk is refreshed, not written again). ``parent`` is the tier key of
+        needed: a chunk already on disk, its file still there by one ``lstat``, is refreshed, not
+        written again). ``parent`` is the tier key of
         the chunk this one extends: eviction takes only leaves, and never the parent of the chunk being
         written.
 
@@ -219,7 +221,7 @@ class DiskTier:
                 ``shape`` (nothing is queued).
         """
         write = self._checked(key, payload, dtype, shape, on_done, parent)
-        if key in self._index:
+        if self._still_on_disk(key):
             self._index.touch(key)
             if on_done is not None:
                 on_done(True)
@@ -257,7 +259,7 @@ class DiskTier:
     def _store(self, write: Write, *, again: bool = False) -> bool:
         """Write one chunk file (evicting leaves for room first); True when it is on disk."""
         key, parent = write.key, write.parent
-        if not again and key in self._index:
+        if not again and self._still_on_disk(key):
             return True  # written meanwhile (the same chunk queued twice)
         space, hex_key = self._layout.split(key)
         name = chunk_name(hex_key, None if parent is None else self._layout.split(parent)[1])
@@ -278,6 +280,20 @@ class DiskTier:
             return False
         self._index.commit(key, name, nbytes, parent)
         return True
+
+    def _still_on_disk(self, key: bytes) -> bool:
+        """Whether ``key`` is indexed and its file is still there with its size (one ``lstat``; another
+        process may have evicted or removed it). A file found gone is forgotten."""
+        entry = self._index.get(key)
+        if entry is None:
+            return False
+        space, hex_key = self._layout.split(key)
+        try:
+            info = os.lstat(os.path.join(self._layout.directory(space, hex_key), entry.name))
+        except OSError:
+            self._index.remove(key)
+            return False
+        return stat.S_ISREG(info.st_mode) and info.st_size == entry.nbytes
 
     def _delete(self, evicted: list[DiskEntry]) -> None:
         """Remove evicted chunks' files (already forgotten by the index)."""
