@@ -30,12 +30,23 @@ def require_disk() -> None:
     require("xxhash")
 
 
+_OPEN: list[Any] = []  # tiers made by tier(), closed after each test (conftest)
+
+
 def tier(path: Any, **options: Any) -> Any:
-    """A :class:`~lmcache.disk.DiskTier` on ``path`` (skip without xxhash)."""
+    """A :class:`~lmcache.disk.DiskTier` on ``path`` (skip without xxhash), closed after the test."""
     require_disk()
     from lmcache.disk import DiskTier
 
-    return DiskTier(path, **options)
+    made = DiskTier(path, **options)
+    _OPEN.append(made)
+    return made
+
+
+def close_tiers() -> None:
+    """Close every tier :func:`tier` made (their writer threads end)."""
+    while _OPEN:
+        _OPEN.pop().close(timeout=0.2)
 
 
 def shape_of(tokens: int) -> tuple[int, int, int, int, int]:

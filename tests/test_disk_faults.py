@@ -64,16 +64,18 @@ def _damage(case: str, path: Path, writer: ChunkCache, keys: list[bytes], outsid
             f.write(bytes([byte[0] ^ 0x01]))
     elif case == "another shape":  # a valid file of this key, of a chunk with one token less
         other = np.ascontiguousarray(chunk[:, :, :-1])
-        assert tier(disk.path).write(keys[1], other, "float16", other.shape, parent=keys[0])
+        with tier(disk.path) as another:
+            assert another.write(keys[1], other, "float16", other.shape, parent=keys[0])
     elif case == "another dtype":  # the same bytes as int8, twice as many elements: the same size
         other = np.ascontiguousarray(chunk).view(np.int8)
-        assert tier(disk.path).write(keys[1], other, "int8", other.shape, parent=keys[0])
+        with tier(disk.path) as another:
+            assert another.write(keys[1], other, "int8", other.shape, parent=keys[0])
         assert path.stat().st_size == size
     elif case == "another namespace's file":
-        foreign = tier(disk.path)
-        theirs = foreign.key("n", writer.keys(PROMPT)[1])
-        assert foreign.write(theirs, np.ascontiguousarray(chunk), "float16", chunk.shape)
-        path.write_bytes(file_of(foreign, theirs).read_bytes())  # the same bytes, under our name
+        with tier(disk.path) as foreign:
+            theirs = foreign.key("n", writer.keys(PROMPT)[1])
+            assert foreign.write(theirs, np.ascontiguousarray(chunk), "float16", chunk.shape)
+            path.write_bytes(file_of(foreign, theirs).read_bytes())  # the same bytes, under our name
     elif case == "zero length":
         path.write_bytes(b"")
     elif case == "a directory":

@@ -57,7 +57,7 @@ def _check_complete(directory: Path, prompts: int) -> int:
     stats = disk.stats()
     assert stats.corrupt == 0  # a killed writer leaves no visible partial file
     assert stats.errors == 0
-    restarted.close()
+    disk.close()
     return len(on_disk)
 
 
@@ -126,7 +126,8 @@ def test_one_process_writes_while_another_reads(tmp_path: Path) -> None:
         assert n == len(tokens)
         assert out.tobytes() == kv_of(tokens).tobytes()
     assert reader.stats().disk_corrupt == 0
-    reader.close()
+    assert reader.disk is not None
+    reader.disk.close()
 
 
 def test_a_process_started_after_the_writer_finds_every_chunk(tmp_path: Path) -> None:
