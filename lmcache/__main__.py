@@ -35,6 +35,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--repeat", type=int, default=7, help="interleaved trials; the best counts")
     run.add_argument("--ops", type=int, default=50_000, help="operations per timing trial")
     run.add_argument("--big-pool-gib", type=float, default=16.0, help="size of the construction test")
+    run.add_argument(
+        "--disk-dir", help="where the disk tier's section writes (default: a temporary directory)"
+    )
     run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
     run.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -58,6 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=2 if args.quick else args.repeat,
         ops=2_000 if args.quick else args.ops,
         big_pool_gib=1.0 if args.quick else args.big_pool_gib,
+        disk_dir=args.disk_dir,
     )
     results, failures = bench.run(opts)
     if args.json:

@@ -6,7 +6,7 @@ printing ``ready`` once the first prompt is on disk; the test kills it with ``SI
 moment.
 
 MODE ``stuck``: write chunks straight through a :class:`~lmcache.disk.DiskTier`, the third one through
-an ``os.writev`` that writes half of it and then hangs, and print ``stuck``: the test kills the process
+an ``os.pwritev`` that writes half of it and then hangs, and print ``stuck``: the test kills the process
 with a torn temporary file on disk.
 
 MODE ``write``: store prompts ``0 .. ARG - 1``, flush, and print ``done N`` (N: chunk files written).
@@ -93,17 +93,19 @@ def stuck(directory: str) -> int:
     for key, chunk in zip(keys[:2], chunks[:2], strict=True):
         if not tier.write(key, chunk, DTYPE, chunk.shape):
             raise RuntimeError(f"a write failed: {tier.stats()}")
-    real = os.writev
+    real = os.pwritev
     hang = threading.Event()
+    written = [0]
 
-    def half_then_hang(fd: int, buffers: list[memoryview]) -> int:
-        payload = memoryview(buffers[-1]).cast("B")
-        real(fd, [buffers[0], payload[: payload.nbytes // 2]])
-        print("stuck", flush=True)
-        hang.wait()  # never set: the test kills the process here
-        return 0
+    def half_then_hang(fd: int, buffers: list[memoryview], offset: int) -> int:
+        if written[0] >= chunks[2].nbytes // 2:
+            print("stuck", flush=True)
+            hang.wait()  # never set: the test kills the process here
+        done = int(real(fd, buffers, offset))
+        written[0] += done
+        return done
 
-    os.writev = half_then_hang  # type: ignore[assignment]
+    os.pwritev = half_then_hang  # type: ignore[assignment]
     tier.write(keys[2], chunks[2], DTYPE, chunks[2].shape)
     return 1
 

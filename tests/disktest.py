@@ -137,23 +137,23 @@ def read_only(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def disk_full(monkeypatch: pytest.MonkeyPatch, free: int = 0) -> list[int]:
-    """Make ``os.writev`` behave as on a disk with ``free`` bytes left: it writes what still fits
-    (a short write), and once nothing does, fails with ``ENOSPC``. Returns a list that gets one item
-    per failed call."""
-    real = os.writev
+    """Make ``os.pwritev`` (the call the tier writes with) behave as on a disk with ``free`` bytes
+    left: it writes what still fits (a short write), and once nothing does, fails with ``ENOSPC``.
+    Returns a list that gets one item per failed call."""
+    real = os.pwritev
     left = [free]
     failures: list[int] = []
 
-    def writev(fd: int, buffers: Any) -> int:
+    def pwritev(fd: int, buffers: Any, offset: int) -> int:
         if left[0] <= 0:
             failures.append(fd)
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
         first = memoryview(buffers[0]).cast("B")
-        written = int(real(fd, [first[: min(left[0], first.nbytes)]]))
+        written = int(real(fd, [first[: min(left[0], first.nbytes)]], offset))
         left[0] -= written
         return written
 
-    monkeypatch.setattr(os, "writev", writev)
+    monkeypatch.setattr(os, "pwritev", pwritev)
     return failures
 
 

@@ -164,15 +164,15 @@ def test_pending_writes_pin_their_prefix_until_written(
     kv = prefix_kv(PROMPT)
     gate = threading.Event()
     entered = threading.Event()
-    real = os.writev
+    real = os.pwritev
 
-    def slow_writev(fd: int, buffers: Any) -> int:
+    def slow_writev(fd: int, buffers: Any, offset: int) -> int:
         entered.set()
         gate.wait(10)
-        return int(real(fd, buffers))
+        return int(real(fd, buffers, offset))
 
     cache = ChunkCache(cache_pool(slots=CHUNKS + 1), disk=tier(tmp_path))
-    monkeypatch.setattr(os, "writev", slow_writev)
+    monkeypatch.setattr(os, "pwritev", slow_writev)
     assert cache.store(PROMPT, kv) == len(PROMPT)
     assert entered.wait(5)
     assert cache.stats().pinned == CHUNKS  # pending: not evictable, not cleared

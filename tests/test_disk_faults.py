@@ -3,7 +3,7 @@ directory, a full disk, a read-only or vanished directory. A fault is a counted 
 wrong bytes and never an exception from ``store`` / ``lookup`` / ``retrieve`` / ``lease``; a bad file
 is removed, and nothing outside the tier's directory is ever read, written or removed.
 
-A full disk is an ``ENOSPC`` injected at ``os.writev`` (the call the tier writes with), and a
+A full disk is an ``ENOSPC`` injected at ``os.pwritev`` (the call the tier writes with), and a
 read-only directory is ``EROFS`` injected at every call that would change the filesystem: the tests run
 as root, for whom ``chmod`` stops nothing, and need no privileges this way. Where the process may mount
 filesystems, the same faults are also tested on a real 1 MiB tmpfs and a real read-only bind mount.

@@ -240,19 +240,19 @@ def test_reads_refresh_the_order_a_restarted_tier_evicts_in(tmp_path: Path) -> N
 
 # -- the write queue ---------------------------------------------------------------------------------
 class _Gate:
-    """Holds the first ``os.writev`` until opened (a slow disk), then lets every call through."""
+    """Holds the first ``os.pwritev`` until opened (a slow disk), then lets every call through."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.open = threading.Event()
         self.entered = threading.Event()
-        real = os.writev
+        real = os.pwritev
 
-        def writev(fd: int, buffers: Any) -> int:
+        def writev(fd: int, buffers: Any, offset: int) -> int:
             self.entered.set()
             self.open.wait(10)
-            return int(real(fd, buffers))
+            return int(real(fd, buffers, offset))
 
-        monkeypatch.setattr(os, "writev", writev)
+        monkeypatch.setattr(os, "pwritev", writev)
 
 
 def test_a_full_queue_drops_the_oldest_write(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -58,6 +58,7 @@ class Options:
     ops: int = 50_000
     big_pool_gib: float = 16.0
     progress: TextIO | None = sys.stderr
+    disk_dir: str | None = None  # where the disk tier's section writes (None: a temporary directory)
 
 
 def shape_only(backend: str, shape: tuple[int, ...], dtype: str) -> Any:

@@ -15,9 +15,10 @@ A chunk is written to a temporary name in its fan-out directory and renamed over
 complete, so a reader (or a tier built after a crash) sees either the whole chunk or nothing. With
 ``fsync`` the file is fsynced before the rename and the directory after it.
 
-Nothing here follows a symbolic link or touches a path outside the root: directories are checked with
-``realpath`` (each component must be what the layout says), files are opened with ``O_NOFOLLOW``, and a
-bad file is removed with ``unlink`` (which removes a link, never its target).
+Nothing here follows a symbolic link or touches a path outside the root: before a write or a removal
+the directories are checked with ``realpath`` (each component must be what the layout says); a file is
+opened with ``O_NOFOLLOW`` and the path the kernel opened is read back and compared; a bad file is
+removed with ``unlink`` (which removes a link, never its target).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ import re
 import shutil
 import stat
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from hashlib import blake2b
 
@@ -48,6 +49,7 @@ _KEY = re.compile(_HEX)
 #: A temporary file older than this (seconds) is stale even when its pid is alive (another host's).
 STALE_TEMP_SECONDS = 3600.0
 _numbers = itertools.count()  # temporary names, unique within the process across tiers
+_PROC_FD = os.path.isdir("/proc/self/fd")  # Linux: the path of an open file can be read back
 
 
 def namespace_dir(namespace: str) -> str:
@@ -117,10 +119,9 @@ class Layout:
         return os.path.realpath(directory) == directory
 
     # -- writes ----------------------------------------------------------------------------------------
-    def write(
-        self, space: str, hex_key: str, name: str, buffers: Sequence[memoryview | bytes], fsync: bool
-    ) -> None:
-        """Write ``buffers`` as the file ``name`` of a key: to a temporary name, then renamed over it.
+    def write(self, space: str, hex_key: str, name: str, fill: Callable[[int], None], fsync: bool) -> None:
+        """Write the file ``name`` of a key: ``fill(fd)`` writes a temporary file, which is then renamed
+        over the name (with ``fsync``: the file fsynced before, the directory after).
 
         Raises:
             OSError: the write failed (full, read-only, vanished ...); the temporary file is removed.
@@ -137,7 +138,7 @@ class Layout:
             fd = os.open(temp, flags, 0o644)
         try:
             try:
-                write_all(fd, buffers)
+                fill(fd)
                 if fsync:
                     os.fsync(fd)
             finally:
@@ -168,16 +169,31 @@ class Layout:
 
     # -- reads and removal -----------------------------------------------------------------------------
     def open(self, space: str, hex_key: str, name: str) -> int:
-        """Open a chunk file for reading, refusing a symbolic link (``ELOOP``) or a path that leaves
-        the root.
+        """Open a chunk file for reading, never through a symbolic link: the last component is opened
+        with ``O_NOFOLLOW``, and the path the kernel opened (``/proc/self/fd``) must be the one the
+        layout names (so no directory on the way was a link); where there is no ``/proc``, the
+        directories are checked with ``realpath`` first.
 
         Raises:
-            OSError: as ``os.open``; ``ELOOP`` for a link anywhere on the way.
+            OSError: as ``os.open``; ``ELOOP`` for a link anywhere on the way; ``ENOENT`` when the file
+                was removed or replaced right after it was opened.
         """
         directory = self.directory(space, hex_key)
-        if not self.safe(directory):
+        path = os.path.join(directory, name)
+        if not _PROC_FD and not self.safe(directory):
             raise OSError(errno.ELOOP, "a directory on the way is a symbolic link", directory)
-        return os.open(os.path.join(directory, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        if _PROC_FD:
+            try:
+                opened = os.readlink(f"/proc/self/fd/{fd}")
+            except OSError:
+                opened = path
+            if opened != path:
+                os.close(fd)
+                if opened.endswith(" (deleted)"):  # evicted or replaced meanwhile: not a bad file
+                    raise FileNotFoundError(errno.ENOENT, "removed while opened", path)
+                raise OSError(errno.ELOOP, "a directory on the way is a symbolic link", path)
+        return fd
 
     def remove(self, space: str, hex_key: str, name: str, same_as: os.stat_result | None = None) -> bool:
         """Remove a chunk's path (a file, a link, a directory where a file should be), never anything
@@ -296,20 +312,16 @@ def _stale(entry: os.DirEntry[str], pid: int, now: float) -> bool:
     return False
 
 
-def write_all(fd: int, buffers: Sequence[memoryview | bytes]) -> None:
-    """Write every byte of ``buffers`` to ``fd`` (``os.writev``, again after a short write)."""
-    views = [memoryview(b).cast("B") for b in buffers]
-    while views:
-        written = os.writev(fd, views)
+def write_all(fd: int, buffer: memoryview | bytes, offset: int) -> None:
+    """Write every byte of ``buffer`` to ``fd`` at ``offset`` (``os.pwritev``, again after a short
+    write)."""
+    view = memoryview(buffer).cast("B")
+    while view.nbytes:
+        written = os.pwritev(fd, [view], offset)
         if written <= 0:
-            raise OSError(errno.EIO, "writev wrote nothing")
-        while written and views:
-            if written >= views[0].nbytes:
-                written -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][written:]
-                written = 0
+            raise OSError(errno.EIO, "pwritev wrote nothing")
+        view = view[written:]
+        offset += written
 
 
 def fsync_directory(directory: str) -> None:

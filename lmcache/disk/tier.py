@@ -13,12 +13,12 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from lmcache.disk.files import Found, Layout, chunk_name, namespace_dir
+from lmcache.disk.files import Found, Layout, chunk_name, namespace_dir, write_all
 from lmcache.disk.index import DiskEntry, DiskIndex
-from lmcache.disk.stream import DiskStream
+from lmcache.disk.stream import PIECE_BYTES, DiskStream
 from lmcache.errors import ConfigError
 from lmcache.tiers.counters import COUNTERS, Counters
-from lmcache.tiers.format import HEADER, check_shape, encode_header, payload_bytes, xxh3
+from lmcache.tiers.format import HEADER, check_shape, finish_header, payload_bytes, start_header, xxh3
 from lmcache.tiers.writer import Write, WriteQueue, checked_write
 
 logger = logging.getLogger("lmcache.disk")
@@ -272,8 +272,7 @@ class DiskTier:
             )
             return False
         try:
-            header = encode_header(key, write.payload, write.dtype, write.shape)
-            self._layout.write(space, hex_key, name, [header, write.payload], self._fsync)
+            self._layout.write(space, hex_key, name, _filler(write), self._fsync)
         except OSError as exc:
             self._index.release(nbytes)
             self.failed("write", exc)
@@ -464,6 +463,23 @@ class DiskTier:
             f"DiskTier({self._layout.root!r}, size_gib={self._size_gib:g}, fsync={self._fsync}, "
             f"{len(self._index)} chunks)"
         )
+
+
+def _filler(write: Write) -> Callable[[int], None]:
+    """What writes ``write``'s file into an open temporary file: the payload piece by piece, each piece
+    hashed right before it is written (still in the CPU's cache for the kernel's copy), then the header
+    with the checksum at offset 0."""
+
+    def fill(fd: int) -> None:
+        blank, hasher = start_header(write.key, write.dtype, write.shape)
+        payload, update = write.payload, hasher.update
+        for start in range(0, payload.nbytes, PIECE_BYTES):
+            piece = payload[start : start + PIECE_BYTES]
+            update(piece)
+            write_all(fd, piece, HEADER.size + start)
+        write_all(fd, finish_header(blank, hasher), 0)
+
+    return fill
 
 
 def _age(found: Found) -> int:

@@ -108,17 +108,36 @@ def encode_header(key: bytes, payload: memoryview, dtype: str, shape: Sequence[i
     nbytes = payload_bytes(dtype, dims)
     if payload.nbytes != nbytes:
         raise ConfigError(f"payload has {payload.nbytes} bytes but {dtype} {dims} needs {nbytes}")
-    blank = HEADER.pack(MAGIC, FORMAT_VERSION, HEADER.size, nbytes, 0, dtype.encode("ascii"), *dims)
-    checksum = _checksum(key, blank, payload)
-    return HEADER.pack(MAGIC, FORMAT_VERSION, HEADER.size, nbytes, checksum, dtype.encode("ascii"), *dims)
+    blank, hasher = start_header(key, dtype, dims)
+    hasher.update(payload)
+    return finish_header(blank, hasher)
 
 
-def _checksum(key: bytes, blank_header: bytes | bytearray, payload: memoryview) -> int:
+def start_header(key: bytes, dtype: str, shape: Sequence[int]) -> tuple[bytes, Any]:
+    """Begin the header of a value whose payload is hashed piece by piece as it is stored.
+
+    Returns the blank header (checksum zero) and a running ``xxh3_64`` over ``key`` and it: feed it
+    every piece of the payload in order, then :func:`finish_header`. Hashing a piece right before it is
+    written, while it is in the CPU's cache, spares a separate pass over the whole payload.
+
+    Raises:
+        ConfigError: an invalid dtype or shape.
+    """
+    dims = check_shape(shape)
+    blank = HEADER.pack(
+        MAGIC, FORMAT_VERSION, HEADER.size, payload_bytes(dtype, dims), 0, dtype.encode("ascii"), *dims
+    )
     hasher = xxh3()()
     hasher.update(key)
-    hasher.update(blank_header)
-    hasher.update(payload)
-    return int(hasher.intdigest())
+    hasher.update(blank)
+    return blank, hasher
+
+
+def finish_header(blank: bytes, hasher: Any) -> bytes:
+    """The header of :func:`start_header` with the checksum of everything ``hasher`` was fed."""
+    header = bytearray(blank)
+    struct.pack_into("<Q", header, _CHECKSUM_OFFSET, int(hasher.intdigest()))
+    return bytes(header)
 
 
 def decode_value(key: bytes, value: bytes | memoryview, dtype: str, shape: Sequence[int]) -> memoryview:
@@ -222,8 +241,10 @@ __all__ = [
     "check_shape",
     "decode_value",
     "encode_header",
+    "finish_header",
     "payload_bytes",
     "payload_hasher",
+    "start_header",
     "verify_checksum",
     "xxh3",
 ]
