@@ -37,6 +37,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--repeat", type=int, default=7, help="interleaved trials; the best counts")
     run.add_argument("--ops", type=int, default=50_000, help="operations per timing trial")
     run.add_argument("--big-pool-gib", type=float, default=16.0, help="size of the construction test")
+    run.add_argument(
+        "--disk-dir", help="where the disk tier's section writes (default: a temporary directory)"
+    )
     run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
     run.add_argument("--json", action="store_true", help="print JSON instead of the summary")
     run.add_argument("--full", action="store_true", help="print the full table, not only the summary")
@@ -84,6 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         big_pool_gib=1.0 if args.quick else args.big_pool_gib,
         loaded=args.loaded,
         load_procs=args.load_procs,
+        disk_dir=args.disk_dir,
     )
     results, failures = bench.run(opts)
     paths = bench.write_report(results, failures, args.out)

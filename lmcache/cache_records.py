@@ -37,6 +37,13 @@ class CacheStats:
         remote_errors: failed remote operations (server down, slow, refusing credentials).
         remote_dropped: remote writes dropped (queue full, failed write, closed tier).
         remote_corrupt: remote values rejected (wrong format, dtype, shape, length or checksum).
+        disk_hits: chunks read from the disk tier (0 without one; the tier's counters, shared by every
+            cache that uses the same tier object).
+        disk_writes: chunks written to the disk tier.
+        disk_errors: failed disk operations (disk full, read-only or vanished directory, I/O errors).
+        disk_dropped: disk writes dropped (queue full, failed write, chunk too big, closed tier).
+        disk_corrupt: disk files rejected (torn, truncated, flipped, foreign, a link or a directory)
+            and removed.
     """
 
     chunks: int
@@ -52,6 +59,11 @@ class CacheStats:
     remote_errors: int = 0
     remote_dropped: int = 0
     remote_corrupt: int = 0
+    disk_hits: int = 0
+    disk_writes: int = 0
+    disk_errors: int = 0
+    disk_dropped: int = 0
+    disk_corrupt: int = 0
 
     @property
     def hit_rate(self) -> float:

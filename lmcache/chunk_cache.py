@@ -12,8 +12,8 @@ It is a facade over four parts, each owning one thing:
 * the prefix index (:class:`~lmcache.prefix_index.PrefixIndex`): which chunks are cached in which slots,
   pins and leases, and eviction of leaves under a policy (:mod:`lmcache.policies`);
 * copies (:class:`~lmcache.cache_copies.ChunkCopies`): prompts of any framework to and from slots;
-* tiers (:class:`~lmcache.tiers.chain.TierChain`): a disk directory and a remote server below the slots,
-  written behind and read through.
+* tiers (:class:`~lmcache.tiers.chain.TierChain`): a disk directory (:mod:`lmcache.disk`) and a remote
+  server (:mod:`lmcache.remote`) below the slots, written behind and read through, in that order.
 
 Hashing and byte copies run outside the index's lock; a chunk is published only once its bytes are in
 its slot, so ``lookup``, ``retrieve`` and ``lease`` never see a half-written chunk.
@@ -21,6 +21,7 @@ its slot, so ``lookup``, ``retrieve`` and ``lease`` never see a half-written chu
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from hashlib import blake2b
 from typing import Any
@@ -37,6 +38,7 @@ from lmcache.cache_keys import (
     token_ids,
 )
 from lmcache.cache_records import CacheEntry, CacheStats, Lease
+from lmcache.disk import DiskTier
 from lmcache.errors import CacheInvariantError, ChunkShapeError, ConfigError
 from lmcache.loans import ChunkLoan
 from lmcache.paged import PagedRequest, check_scatter_target
@@ -67,6 +69,12 @@ class ChunkCache:
             with default options, or a tier object built with options (key prefix, TTL, timeouts, queue
             size). A tier made from a URL is closed by :meth:`close`; a tier object stays its creator's
             to close. Remote faults never raise: they are counted in ``stats()``.
+        disk: a disk tier below the slots, read before the remote one: a directory path for a
+            :class:`~lmcache.disk.DiskTier` with default options (16 GiB, no fsync), or a tier object
+            built with options (``size_gib``, ``fsync``, queue size). Chunks are written behind to one
+            file each and found again by a cache built on the same directory and namespace after a
+            restart. A tier made from a path is closed by :meth:`close`; a tier object stays its
+            creator's. Disk faults never raise: they are counted in ``stats()``.
 
     Invariants (checked by the test-suite's state machines):
 
@@ -101,6 +109,7 @@ class ChunkCache:
         namespace: str = "",
         policy: str | EvictionPolicy | None = None,
         remote: str | RedisTier | None = None,
+        disk: str | os.PathLike[str] | DiskTier | None = None,
     ) -> None:
         if not isinstance(pool, LocalPool):
             raise ConfigError(f"ChunkCache needs a LocalPool (or a subclass), got {type(pool).__name__}")
@@ -111,6 +120,8 @@ class ChunkCache:
                 f"remote must be a URL such as 'redis://127.0.0.1:6379/0' or a RedisTier, got "
                 f"{type(remote).__name__}"
             )
+        if disk is not None and not isinstance(disk, (str, os.PathLike, DiskTier)):
+            raise ConfigError(f"disk must be a directory path or a DiskTier, got {type(disk).__name__}")
         #: The pool the chunks live in.
         self.pool = pool
         #: The string every key is seeded with.
@@ -120,9 +131,18 @@ class ChunkCache:
         self._chunk_size = pool.chunk_size
         self._copies = ChunkCopies(pool)
         self._index = PrefixIndex(pool, pool.layout, make_policy(policy, pool.max_chunk_num))
-        tiers: list[tuple[Tier, bool]] = []
+        tiers: list[tuple[Tier, bool]] = []  # in read order: disk, then remote
+        #: The disk tier, or None.
+        self.disk = disk if isinstance(disk, DiskTier) or disk is None else DiskTier(disk)
+        if self.disk is not None:
+            tiers.append((self.disk, not isinstance(disk, DiskTier)))
         #: The remote tier, or None.
-        self.remote = RedisTier(remote) if isinstance(remote, str) else remote
+        try:
+            self.remote = RedisTier(remote) if isinstance(remote, str) else remote
+        except BaseException:
+            if self.disk is not None and not isinstance(disk, DiskTier):
+                self.disk.close()  # made here: not left running when the cache fails to build
+            raise
         if self.remote is not None:
             tiers.append((self.remote, isinstance(remote, str)))
         self._tiers = TierChain(tiers, self._index, self._copies, self._layout, namespace)
@@ -459,8 +479,9 @@ class ChunkCache:
         return self._tiers.flush(timeout)
 
     def close(self) -> None:
-        """Stop the writers of the tiers this cache made (from a URL or a path); it returns promptly
-        even when their store is gone. The cache keeps working locally afterwards."""
+        """Stop the writers of the tiers this cache made (from a URL or a path), after writing what
+        they hold queued for up to a second each; it returns promptly even when their store is gone.
+        The cache keeps working locally afterwards."""
         self._tiers.close()
 
     def clear(self) -> int:

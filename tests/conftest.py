@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from disktest import close_tiers
 from kvtest import BACKENDS, require
 from redis_server import RedisServer, require_redis
 
@@ -24,3 +25,10 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture(autouse=True)
+def _close_disk_tiers() -> Iterator[None]:
+    """Close the disk tiers a test made with :func:`disktest.tier` (their writer threads end)."""
+    yield
+    close_tiers()

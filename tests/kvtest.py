@@ -28,7 +28,8 @@ SMALL_SHAPE = (2, 2, 16, 2, 8)  # (L, 2, chunk_size, H, D): 1 KiB per token-row 
 def require(framework: str) -> Any:
     """Import ``framework``; skip if it is not installed, fail if this session requires it.
 
-    With :func:`require_gpu` and :func:`require_no_gpu`, the suite's only ways to skip.
+    With :func:`require_gpu`, :func:`require_no_gpu` and :func:`require_mounts`, the suite's only ways
+    to skip.
     """
     if framework == "numpy":
         return np
@@ -138,6 +139,32 @@ def require_gpu(framework: str) -> Any:
     if not _sees_gpu(framework):
         pytest.skip(f"{framework} sees no GPU")
     return module
+
+
+def require_mounts() -> None:
+    """Skip unless this process may mount filesystems (root with ``CAP_SYS_ADMIN``, a ``mount``
+    binary): the tests of a real full disk and a real read-only mount. Fails instead where the session
+    requires it (``mounts`` in ``LMCACHE_REQUIRE_BACKENDS``)."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    probe = tempfile.mkdtemp(prefix="lmcache-mount-probe-")
+    try:
+        mounted = shutil.which("mount") is not None and (
+            subprocess.run(
+                ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", probe], capture_output=True, check=False
+            ).returncode
+            == 0
+        )
+        if mounted:
+            subprocess.run(["umount", probe], capture_output=True, check=True)
+    finally:
+        os.rmdir(probe)
+    if not mounted:
+        if "mounts" in REQUIRED:
+            pytest.fail("mounting is required in this session (LMCACHE_REQUIRE_BACKENDS) but not permitted")
+        pytest.skip("this process may not mount filesystems (needs root with CAP_SYS_ADMIN)")
 
 
 def run_state_machine(machine: Any, backend: str, max_examples: int) -> None:

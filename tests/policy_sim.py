@@ -43,9 +43,7 @@ class LeafLRU:
 
     def request(self, input_length: int, hash_ids: list[int]) -> tuple[int, int]:
         """Serve one request; return ``(hit tokens, hit chunks)``."""
-        chunks = [
-            (h, min(BLOCK, input_length - i * BLOCK)) for i, h in enumerate(hash_ids)
-        ]
+        chunks = [(h, min(BLOCK, input_length - i * BLOCK)) for i, h in enumerate(hash_ids)]
         hit_chunks = 0
         for chunk in chunks:
             if chunk not in self.parent:

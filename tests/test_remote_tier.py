@@ -285,6 +285,7 @@ class TierModel(RuleBasedStateMachine):
         self.tier = tier_for(self.server.url, key_prefix="")
         self.queued: dict[bytes, np.ndarray] = {}
         self.model: dict[bytes, tuple[np.ndarray, bool]] = {}  # key -> (chunk, corrupted)
+        self.flipped: dict[bytes, set[int]] = {}  # key -> offsets whose byte is flipped now
         self.fetched = self.submitted = 0
 
     @rule(key=st.sampled_from(KEYS), tokens=st.integers(1, SHAPE[2]), seed=st.integers(0, 2**16))
@@ -298,6 +299,8 @@ class TierModel(RuleBasedStateMachine):
     def flush(self) -> None:
         assert self.tier.flush(5.0)
         self.model.update((key, (chunk, False)) for key, chunk in self.queued.items())
+        for key in self.queued:
+            self.flipped.pop(key, None)
         self.queued.clear()
 
     @rule(key=st.sampled_from(KEYS), offset=st.integers(0, remote.HEADER.size + 127))
@@ -307,13 +310,16 @@ class TierModel(RuleBasedStateMachine):
             chunk, _ = self.model[key]
             old = self.raw.getrange(key, offset, offset)
             self.raw.setrange(key, offset, bytes([old[0] ^ 0x40]))
-            self.model[key] = (chunk, True)
+            flipped = self.flipped.setdefault(key, set())
+            flipped ^= {offset}  # flipping a byte twice restores it
+            self.model[key] = (chunk, bool(flipped))
 
     @rule(key=st.sampled_from(KEYS))
     def delete(self, key: bytes) -> None:
         self.flush()
         self.raw.delete(key)
         self.model.pop(key, None)
+        self.flipped.pop(key, None)
 
     @rule()
     def fetch(self) -> None:

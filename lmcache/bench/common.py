@@ -68,6 +68,7 @@ class Options:
     progress: TextIO | None = sys.stderr
     loaded: bool = False  # rerun the headline sections beside busy processes
     load_procs: int = 1
+    disk_dir: str | None = None  # where the disk tier's section writes (None: a temporary directory)
 
 
 def shape_only(backend: str, shape: tuple[int, ...], dtype: str) -> Any:

@@ -22,6 +22,7 @@ import numpy as np
 from lmcache.bench import common
 from lmcache.bench.cache import bench_chunk_cache
 from lmcache.bench.common import Options, Result
+from lmcache.bench.disk import bench_disk
 from lmcache.bench.paged import bench_paged
 from lmcache.bench.pool import (
     bench_alloc_free,
@@ -124,6 +125,7 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
     steps.append(("serving scenario", partial(bench_serving, backends, opts)))
     steps.append(("remote tier (loopback redis)", partial(bench_remote, opts)))
+    steps.append(("disk tier", partial(bench_disk, backends, opts)))
     steps.append(("paged transfer", partial(bench_paged, backends, opts)))
 
     def say(text: str) -> None:

@@ -43,17 +43,20 @@ def available(backends: Sequence[str]) -> bool:
     return "torch" in backends and importlib.util.find_spec("transformers") is not None
 
 
-def _cache(model: Any, backend: str, chunk_tokens: int, chunks: int) -> ChunkCache:
-    """A chunk cache on a CPU pool of ``chunks`` slots of ``model``'s KV (fp32, ``chunk_tokens`` each)."""
+def serving_cache(model: Any, backend: str, chunk_tokens: int, chunks: int, disk: Any = None) -> ChunkCache:
+    """A chunk cache on a CPU pool of ``chunks`` slots of ``model``'s KV (fp32, ``chunk_tokens`` each),
+    with the disk tier ``disk`` below its slots (none by default)."""
     from lmcache_torch.hf import kv_shape
 
     shape = kv_shape(model, chunk_tokens)
     slot_bytes = SlotLayout.from_metadata(LMCacheMemPoolMetadata(shape, "float32", 1.0)).slot_bytes
     meta = LMCacheMemPoolMetadata(shape, "float32", chunks * slot_bytes / 2**30)
-    return ChunkCache(LocalCPUPool(meta, backend=backend, pin_memory=False), namespace="bench/tiny-llama")
+    pool = LocalCPUPool(meta, backend=backend, pin_memory=False)
+    return ChunkCache(pool, namespace="bench/tiny-llama", disk=disk)
 
 
-def _checked(reused: int, expected: int) -> None:
+def checked(reused: int, expected: int) -> None:
+    """Raise unless the scenario reused exactly the ``expected`` cached tokens."""
     if reused != expected:
         raise CacheInvariantError(f"the serving scenario reused {reused} cached tokens, expected {expected}")
 
@@ -83,10 +86,10 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
     trials: dict[str, Callable[[], float]] = {}
     errors: dict[str, float] = {}
 
-    torch_cache = _cache(model, "torch", chunk_tokens, slots)
+    torch_cache = serving_cache(model, "torch", chunk_tokens, slots)
     torch_cache.store(tokens[:cached], prefix_kv)
     logits, _, reused = hf.prefill_with_cache(model, torch_cache, tokens, store=False)
-    _checked(reused, cached)
+    checked(reused, cached)
     errors["torch"] = float(np.abs(logits[-1].numpy() - reference).max())
     trials["torch full"] = common.timed(lambda: int(hf.prefill(model, tokens)[0][-1].argmax()))
     trials["torch cached"] = common.timed(
@@ -97,12 +100,12 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
         from lmcache_jax import llama
 
         spec, params = llama.params_from_torch(model)
-        jax_cache = _cache(model, "jax", chunk_tokens, slots)
+        jax_cache = serving_cache(model, "jax", chunk_tokens, slots)
         jax_cache.store(tokens[:cached], prefix_kv)
         # These calls also compile both shapes (full and suffix) before anything is timed.
         llama.forward(spec, params, tokens)[0].block_until_ready()
         jax_logits, _, reused = llama.prefill_with_cache(spec, params, jax_cache, tokens, store=False)
-        _checked(reused, cached)
+        checked(reused, cached)
         errors["jax"] = float(np.abs(np.asarray(jax_logits[-1]) - reference).max())
         trials["jax full"] = common.timed(lambda: int(llama.forward(spec, params, tokens)[0][-1].argmax()))
         trials["jax cached"] = common.timed(
@@ -141,4 +144,14 @@ def bench_serving(backends: Sequence[str], opts: Options) -> list[Result]:
     return results
 
 
-__all__ = ["CACHED_FRACTION", "SERVING_TOKENS", "TTFT_TARGET", "available", "bench_serving"]
+__all__ = [
+    "CACHED_FRACTION",
+    "CHUNK_FRACTION",
+    "QUICK_TOKENS",
+    "SERVING_TOKENS",
+    "TTFT_TARGET",
+    "available",
+    "bench_serving",
+    "checked",
+    "serving_cache",
+]

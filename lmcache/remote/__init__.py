@@ -1,8 +1,9 @@
 """The remote tier: KV chunks shared through a Redis (or Valkey) server.
 
-- :mod:`lmcache.remote.format`, the value format: a 64-byte header (magic, format version, dtype, shape,
-  payload length, ``xxh3_64`` checksum over key, header and payload) followed by the chunk's bytes
-  exactly as they lie in its slot. A value that does not match is a miss, counted, never returned.
+- :mod:`lmcache.remote.format` (:mod:`lmcache.tiers.format`, shared with the disk tier), the value
+  format: a 64-byte header (magic, format version, dtype, shape, payload length, ``xxh3_64`` checksum
+  over key, header and payload) followed by the chunk's bytes exactly as they lie in its slot. A value
+  that does not match is a miss, counted, never returned.
 - :mod:`lmcache.remote.tier`, :class:`RedisTier`: the client, put together from
   :mod:`~lmcache.remote.connections` (the redis-py client, connections, capped backoff, and credentials
   kept out of every repr, log line and error message), :mod:`~lmcache.remote.writer` (queued writes
@@ -15,7 +16,9 @@ Importing this package imports neither ``redis`` nor ``xxhash``: a tier imports 
 """
 
 from lmcache.errors import RemoteValueError
-from lmcache.remote.format import (
+from lmcache.remote.replies import FetchStream, StreamHost
+from lmcache.remote.tier import RedisTier, RemoteStats, redact_url
+from lmcache.tiers.format import (
     FORMAT_VERSION,
     HEADER,
     MAGIC,
@@ -26,8 +29,6 @@ from lmcache.remote.format import (
     payload_bytes,
     verify_checksum,
 )
-from lmcache.remote.replies import FetchStream, StreamHost
-from lmcache.remote.tier import RedisTier, RemoteStats, redact_url
 
 __all__ = [
     "FORMAT_VERSION",

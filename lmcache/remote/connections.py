@@ -20,7 +20,6 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lmcache.errors import BackendUnavailableError, ConfigError
-from lmcache.remote.format import EXTRA_HINT
 from lmcache.remote.replies import (
     WRONG_TYPE,
     ReplyReader,
@@ -30,6 +29,7 @@ from lmcache.remote.replies import (
     raw_socket,
 )
 from lmcache.remote.stats import Counters
+from lmcache.tiers.format import EXTRA_HINT
 
 logger = logging.getLogger("lmcache.remote")
 

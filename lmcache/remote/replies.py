@@ -19,7 +19,7 @@ import time
 from typing import Any, Protocol
 
 from lmcache.errors import ConfigError, RemoteValueError
-from lmcache.remote.format import HEADER, byte_view, check_header, payload_bytes, verify_checksum
+from lmcache.tiers.format import HEADER, byte_view, check_header, payload_bytes, verify_checksum
 
 logger = logging.getLogger("lmcache.remote")
 

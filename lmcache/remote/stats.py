@@ -1,18 +1,18 @@
 """The remote tier's counters: :class:`RemoteStats` (a snapshot) and :class:`Counters` (the live ones).
 
 Every part of the tier (reads, streams, the writer, connection health) adds to one :class:`Counters`
-object, which takes its own lock for each change, so no part writes another's state.
+object (:class:`lmcache.tiers.counters.Counters` with the remote tier's names), which takes its own
+lock for each change, so no part writes another's state.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
-from lmcache.errors import ConfigError
+from lmcache.tiers import counters as _counters
 
 #: The names :meth:`Counters.add` accepts.
-COUNTERS = ("hits", "misses", "writes", "errors", "dropped", "corrupt")
+COUNTERS = _counters.COUNTERS
 
 
 @dataclass(frozen=True)
@@ -40,29 +40,16 @@ class RemoteStats:
     connected: bool
 
 
-class Counters:
-    """The live counters of one tier, safe to add to from any thread."""
+class Counters(_counters.Counters):
+    """The live counters of one remote tier, safe to add to from any thread."""
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._counts = dict.fromkeys(COUNTERS, 0)  # changed only by add(), under _lock
-
-    def add(self, name: str, count: int = 1) -> None:
-        """Add ``count`` to the counter ``name`` (one of :data:`COUNTERS`).
-
-        Raises:
-            ConfigError: ``name`` is not a counter (nothing is changed).
-        """
-        if name not in self._counts:
-            raise ConfigError(f"no remote counter {name!r}; use one of {list(COUNTERS)}")
-        with self._lock:
-            self._counts[name] += count
+        super().__init__(COUNTERS, tier="remote")
 
     def snapshot(self, *, pending: int, connected: bool) -> RemoteStats:
         """Return the counters (a consistent snapshot), with the writer's ``pending`` and the link's
         ``connected`` (which the writer and the connections own)."""
-        with self._lock:
-            return RemoteStats(**self._counts, pending=pending, connected=connected)
+        return RemoteStats(**self.counts(), pending=pending, connected=connected)
 
 
 __all__ = ["COUNTERS", "Counters", "RemoteStats"]

@@ -22,10 +22,10 @@ from typing import Any
 
 from lmcache.errors import ConfigError, RemoteValueError
 from lmcache.remote.connections import Connections, redact_url
-from lmcache.remote.format import HEADER, check_shape, decode_value, payload_bytes, xxh3
 from lmcache.remote.replies import WRONG_TYPE, FetchStream
 from lmcache.remote.stats import Counters, RemoteStats
 from lmcache.remote.writer import Writer, checked_write
+from lmcache.tiers.format import HEADER, check_shape, decode_value, payload_bytes, xxh3
 
 logger = logging.getLogger("lmcache.remote")
 

@@ -3,7 +3,7 @@ probes, and fetches into local slots.
 
 Two implementations: :class:`~lmcache.remote.RedisTier` (``remote``, a Redis / Valkey server shared by
 machines) and :class:`~lmcache.disk.DiskTier` (``disk``, a directory that survives restarts). Both store
-the value format of :mod:`lmcache.remote.format` (a header with an ``xxh3`` checksum over key, header and
+the value format of :mod:`lmcache.tiers.format` (a header with an ``xxh3`` checksum over key, header and
 payload, then the chunk's bytes), never raise into the cache for a fault of their own (they count it),
 and write behind from a background thread with a bounded queue. The cache's side of the contract, the
 glue, is :class:`~lmcache.tiers.chain.TierChain`.
