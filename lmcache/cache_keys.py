@@ -8,6 +8,7 @@ LMCache issues #1139 and #2979).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from hashlib import blake2b
 from typing import Any
 
@@ -87,6 +88,25 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def chunk_keys(ids: np.ndarray, chunk_size: int, root: bytes) -> Iterator[bytes]:
+    """Yield the key of each chunk of ``chunk_size`` tokens of ``ids`` (from :func:`token_ids`), chained
+    from ``root`` (:func:`root_key`), lazily: a caller that stops at a miss hashes no further.
+
+    Every cache, in-process or shared, hashes through this function, so their keys agree.
+    """
+    data = id_bytes(ids)
+    step = chunk_size * 8
+    key = root
+    for offset in range(0, len(data), step):
+        key = blake2b(data[offset : offset + step], digest_size=KEY_BYTES, key=key).digest()
+        yield key
+
+
+def chunk_tokens(num_tokens: int, chunk_size: int) -> list[int]:
+    """The token count of each chunk of a prompt of ``num_tokens`` tokens (the last may be partial)."""
+    return [min(chunk_size, num_tokens - start) for start in range(0, num_tokens, chunk_size)]
+
+
 def id_bytes(ids: np.ndarray) -> memoryview:
     """The bytes of a contiguous little-endian int64 array, without a copy where the host allows."""
     try:
@@ -95,4 +115,13 @@ def id_bytes(ids: np.ndarray) -> memoryview:
         return memoryview(ids.tobytes())
 
 
-__all__ = ["KEY_BYTES", "TokensTypeError", "TokensValueError", "id_bytes", "root_key", "token_ids"]
+__all__ = [
+    "KEY_BYTES",
+    "TokensTypeError",
+    "TokensValueError",
+    "chunk_keys",
+    "chunk_tokens",
+    "id_bytes",
+    "root_key",
+    "token_ids",
+]
