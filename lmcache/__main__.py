@@ -1,4 +1,5 @@
-"""Command line: ``python -m lmcache bench`` (benchmark and self-check) and ``python -m lmcache info``."""
+"""Command line: ``python -m lmcache bench`` (benchmark and self-check), ``python -m lmcache info``, and
+``python -m lmcache serve`` (one shared cache for every process of a machine)."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ from collections.abc import Sequence
 
 
 def _shape(text: str) -> tuple[int, int, int, int, int]:
-    dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
     if len(dims) != 5:
-        raise argparse.ArgumentTypeError("--shape takes 5 dims: L,2,tokens,H,D")
+        raise argparse.ArgumentTypeError(f"a chunk shape takes 5 ints L,2,tokens,H,D, got {text!r}")
     return dims  # type: ignore[return-value]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (1 when the self-check fails)."""
     from lmcache import bench
+    from lmcache.shared import serve
 
     parser = argparse.ArgumentParser(prog="python -m lmcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -37,8 +42,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--big-pool-gib", type=float, default=16.0, help="size of the construction test")
     run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
     run.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    serve.add_parser(commands, _shape)
     args = parser.parse_args(argv)
 
+    if args.command == "serve":
+        return serve.run(args)
     if args.command == "info":
         environment = bench.environment()
         if args.json:

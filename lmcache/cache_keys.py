@@ -8,13 +8,13 @@ LMCache issues #1139 and #2979).
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from hashlib import blake2b
 from typing import Any
 
 import numpy as np
 
-from lmcache.errors import TokensTypeError, TokensValueError
+from lmcache.errors import ConfigError, TokensTypeError, TokensValueError
 from lmcache.registry import detect_framework
 
 #: Bytes of a chunk key (a 128-bit blake2b digest).
@@ -107,6 +107,23 @@ def chunk_tokens(num_tokens: int, chunk_size: int) -> list[int]:
     return [min(chunk_size, num_tokens - start) for start in range(0, num_tokens, chunk_size)]
 
 
+def check_keys(keys: Sequence[bytes], num_tokens: int, chunk_size: int) -> None:
+    """Check that ``keys`` can be the chunk keys of a prompt of ``num_tokens`` tokens (one
+    :data:`KEY_BYTES`-byte key per chunk of ``chunk_size``), for the key-level calls.
+
+    Raises:
+        ConfigError: they cannot.
+    """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ConfigError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    expected = -(-num_tokens // chunk_size)
+    if len(keys) != expected or any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in keys):
+        raise ConfigError(
+            f"a prompt of {num_tokens} tokens has {expected} chunk keys of {KEY_BYTES} bytes "
+            f"(cache.keys(tokens)), got {len(keys)}"
+        )
+
+
 def id_bytes(ids: np.ndarray) -> memoryview:
     """The bytes of a contiguous little-endian int64 array, without a copy where the host allows."""
     try:
@@ -119,6 +136,7 @@ __all__ = [
     "KEY_BYTES",
     "TokensTypeError",
     "TokensValueError",
+    "check_keys",
     "chunk_keys",
     "chunk_tokens",
     "id_bytes",

@@ -31,6 +31,7 @@ from lmcache.cache_keys import (
     KEY_BYTES,
     TokensTypeError,
     TokensValueError,
+    check_keys,
     chunk_keys,
     chunk_tokens,
     root_key,
@@ -449,14 +450,7 @@ class ChunkCache:
         return num_tokens
 
     def _check_keys(self, keys: Sequence[bytes], num_tokens: int) -> None:
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ConfigError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        expected = -(-num_tokens // self._chunk_size)
-        if len(keys) != expected or any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in keys):
-            raise ConfigError(
-                f"a prompt of {num_tokens} tokens has {expected} chunk keys of {KEY_BYTES} bytes "
-                f"(cache.keys(tokens)), got {len(keys)}"
-            )
+        check_keys(keys, num_tokens, self._chunk_size)
 
     # -- tiers and lifecycle ----------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:
