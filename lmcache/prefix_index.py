@@ -393,7 +393,8 @@ class PrefixIndex:
             parent.children -= 1
             if not parent.children and parent.parked and parent.key in self._entries:
                 parent.parked = False
-                self._policy.release(parent.key)  # not used since parked: back at the cold end
+                if not parent.pins:  # a pinned parent stays held: its last unpin releases it
+                    self._policy.release(parent.key)  # not used since parked: back at the cold end
 
 
 class Reservation:
