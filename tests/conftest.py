@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from kvtest import BACKENDS, require
 from redis_server import RedisServer, require_redis
+from sharedtest import socket_dir
 
 
 @pytest.fixture(params=BACKENDS)
@@ -24,3 +26,10 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.close()
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    """A path for a shared cache server's socket, in a fresh private directory removed afterwards."""
+    with socket_dir() as directory:
+        yield os.path.join(directory, "cache.sock")

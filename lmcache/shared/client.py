@@ -356,8 +356,9 @@ class SharedChunkCache:
         tokens = self.chunk_tokens(num_tokens)
 
         def reserved(link: Link, reply: int, body: bytes) -> SharedPendingStore:
-            if reply == Reply.COUNT:  # nothing to fill: committed already
-                return SharedPendingStore(self, None, 0, _count_within(num_tokens)(link, reply, body))
+            if reply == Reply.COUNT:  # nothing to fill (all cached, or no slot): committed already
+                cached_tokens = _count_within(num_tokens)(link, reply, body)
+                return SharedPendingStore(self, None, -(-cached_tokens // self.chunk_size), cached_tokens)
             if reply != Reply.RESERVED:
                 raise ProtocolError(f"a reservation answered with opcode {reply}")
             ident, cached, slots = protocol.parse_reserved(body)
@@ -392,7 +393,7 @@ class SharedChunkCache:
             hold = self._pin(Op.PIN, self.keys(ids), len(ids), limit)
         except _TooLongError as exc:
             raise out_too_short(limit or 0, exc.num_tokens) from None
-        if hold is None or hold.link is None:
+        if hold is None or hold.link is None or not hold.handles:
             return None, 0
         try:
             with hold.link.in_use() as usable:
@@ -421,7 +422,7 @@ class SharedChunkCache:
                 f"the server found {exc.num_tokens} tokens beyond the block table's reach, but the table "
                 "takes them"
             ) from None
-        if hold is None or hold.link is None:
+        if hold is None or hold.link is None or not hold.handles:
             return 0 if torch else (kv_caches, 0)
         try:
             with hold.link.in_use() as usable:
