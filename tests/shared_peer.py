@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import sys
+from collections.abc import Iterator
 
 import numpy as np
 
@@ -86,16 +87,20 @@ def prompt(rng: random.Random) -> list[int]:
     return tokens
 
 
-def store_loop(path: str, seed: str) -> int:
-    rng = random.Random(int(seed))
-    cache = connect(path)
-    first = True
+def loop_prompts(seed: int) -> Iterator[list[int]]:
+    """The prompts ``store-loop`` stores, in order: overlapping heads, tails of their own."""
+    rng = random.Random(seed)
     while True:
-        tokens = prompt(rng) + [rng.randint(0, 10**6) for _ in range(2 * CHUNK)]
+        yield prompt(rng) + [rng.randint(0, 10**6) for _ in range(2 * CHUNK)]
+
+
+def store_loop(path: str, seed: str) -> int:
+    cache = connect(path)
+    for count, tokens in enumerate(loop_prompts(int(seed))):
         cache.store(tokens, prefix_kv(tokens))
-        if first:
+        if count == 0:
             print("storing", flush=True)
-            first = False
+    return 0
 
 
 def worker(path: str, seed: str, steps: str) -> int:

@@ -20,7 +20,7 @@ from typing import IO
 
 import pytest
 
-from kvtest import SMALL_SHAPE
+from kvtest import SMALL_SHAPE, wait_until
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.layout import SlotLayout
 
@@ -92,12 +92,20 @@ class ServerProcess:
         return self
 
     def signal(self, signum: int) -> int:
-        """Send ``signum`` and return the exit status (waiting up to 30 s)."""
+        """Send ``signum`` and return the exit status (waiting up to 30 s); SIGSTOP and SIGCONT return 0
+        once the process is stopped or running."""
         assert self.process is not None
         self.process.send_signal(signum)
         if signum in (signal.SIGSTOP, signal.SIGCONT):
+            stopped = signum == signal.SIGSTOP
+            assert wait_until(lambda: self._stopped() == stopped, 10)
             return 0
         return self.process.wait(30)
+
+    def _stopped(self) -> bool:
+        assert self.process is not None
+        with open(f"/proc/{self.process.pid}/stat", encoding="ascii") as stat:
+            return stat.read().rpartition(")")[2].split()[0] == "T"
 
     def stop(self) -> None:
         """Stop it if it runs (SIGTERM; SIGKILL if it does not exit)."""
