@@ -1,5 +1,6 @@
 """Command line: ``python -m lmcache bench`` (benchmark and self-check), ``python -m lmcache replay``
-(eviction policies on a request trace) and ``python -m lmcache info``."""
+(eviction policies on a request trace), ``python -m lmcache serve`` (one shared cache for every process of a
+machine) and ``python -m lmcache info``."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from collections.abc import Sequence
 
 
 def _shape(text: str) -> tuple[int, int, int, int, int]:
-    dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    try:
+        dims = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        dims = ()
     if len(dims) != 5:
-        raise argparse.ArgumentTypeError("--shape takes 5 dims: L,2,tokens,H,D")
+        raise argparse.ArgumentTypeError(f"a chunk shape takes 5 ints L,2,tokens,H,D, got {text!r}")
     return dims  # type: ignore[return-value]
 
 
@@ -19,6 +23,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; return the exit status (1 when the self-check fails)."""
     from lmcache import bench
     from lmcache.errors import ConfigError
+    from lmcache.shared import serve
 
     parser = argparse.ArgumentParser(prog="python -m lmcache", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -59,6 +64,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     replay.add_arguments(
         commands.add_parser("replay", help="token hit rate of eviction policies on a request trace")
     )
+    serve.add_parser(commands, _shape)
     args = parser.parse_args(argv)
     if args.command == "replay":
         try:
@@ -66,6 +72,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             parser.exit(2, f"python -m lmcache replay: {exc}\n")
 
+    if args.command == "serve":
+        return serve.run(args)
     if args.command == "info":
         environment = bench.environment()
         if args.json:

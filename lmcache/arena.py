@@ -13,9 +13,13 @@ from typing import Any, Protocol
 import numpy as np
 
 from lmcache.dlpack import DLPackView
+from lmcache.errors import ConfigError
 from lmcache.hostmem import allocate_host, check_host_capacity
 from lmcache.layout import SlotLayout
 from lmcache.registry import load_adapter
+
+#: The alignment adopted host memory needs: JAX aliases only memory at multiples of 64 bytes.
+ADOPTED_ALIGNMENT = 64
 
 
 class Arena(Protocol):
@@ -92,6 +96,42 @@ def clone_from_device(arena: Arena, slot: int, num_tokens: int, framework: str) 
     return load_adapter(framework).clone(arena.export(slot, num_tokens, framework))
 
 
+def adopted_memory(memory: Any, nbytes: int) -> np.ndarray:
+    """Check host memory that an arena of ``nbytes`` adopts and return its first ``nbytes`` bytes.
+
+    Adopted memory (``LocalPool(..., memory=...)``: a mapping shared between processes, JAX's pinned
+    host memory) must be a writable, C-contiguous, 1-D ``uint8`` numpy array whose base is aligned to
+    :data:`ADOPTED_ALIGNMENT` bytes (JAX aliases only 64-byte aligned memory; an ``mmap`` is page
+    aligned) and that holds at least ``nbytes`` bytes.
+
+    Raises:
+        ConfigError: any of these does not hold; the message says which.
+    """
+    if not isinstance(memory, np.ndarray) or memory.dtype != np.uint8 or memory.ndim != 1:
+        described = (
+            f"a {memory.dtype} array of shape {memory.shape}"
+            if isinstance(memory, np.ndarray)
+            else f"a {type(memory).__name__}"
+        )
+        raise ConfigError(
+            f"memory must be a 1-D numpy uint8 array (for example np.frombuffer(mapping, np.uint8)), got "
+            f"{described}"
+        )
+    if not memory.flags.c_contiguous or not memory.flags.writeable:
+        raise ConfigError("memory must be C-contiguous and writable (map it with PROT_READ | PROT_WRITE)")
+    if memory.ctypes.data % ADOPTED_ALIGNMENT:
+        raise ConfigError(
+            f"memory must start at an address aligned to {ADOPTED_ALIGNMENT} bytes (an mmap is), got "
+            f"{memory.ctypes.data:#x}"
+        )
+    if memory.nbytes < nbytes:
+        raise ConfigError(
+            f"memory holds {memory.nbytes} bytes but the arena needs {nbytes}; map more, or lower "
+            "max_local_cache_size"
+        )
+    return memory[:nbytes]
+
+
 class HostArena:
     """An arena in host memory, shared by every backend's CPU pools.
 
@@ -108,11 +148,14 @@ class HostArena:
     device = "cpu"
 
     def __init__(self, layout: SlotLayout, num_slots: int, *, host: np.ndarray | None = None) -> None:
-        """Allocate the arena, or adopt ``host`` (``uint8``, page-aligned; its base keeps it alive)."""
+        """Allocate the arena, or adopt ``host``: memory someone else owns (a shared mapping, JAX's
+        pinned host memory), checked by :func:`adopted_memory`; its base keeps it alive."""
         nbytes = layout.slot_bytes * num_slots
         if host is None:
             check_host_capacity(nbytes, f"{self.backend} CPU arena")
             host = allocate_host(nbytes)
+        else:
+            host = adopted_memory(host, nbytes)
         self.layout = layout
         self.num_slots = num_slots
         self.nbytes = nbytes
@@ -176,4 +219,4 @@ class HostArena:
         self._kept = [None] * self.num_slots
 
 
-__all__ = ["Arena", "HostArena", "clone_from_device", "host_array_of"]
+__all__ = ["ADOPTED_ALIGNMENT", "Arena", "HostArena", "adopted_memory", "clone_from_device", "host_array_of"]

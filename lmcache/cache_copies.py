@@ -9,40 +9,70 @@ It holds no state beyond the pool's geometry.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 
 from lmcache import copy_engine
 from lmcache.arena import host_array_of
-from lmcache.cache_records import CacheEntry
 from lmcache.checks import check_array, check_writable
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError, OverlapError
+from lmcache.layout import SlotLayout
 from lmcache.registry import framework_of, load_adapter
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
-from lmcache.storage_backend.mem_pool.local_pool import LocalPool
 
 _FRAMEWORKS = ("numpy", "torch", "jax")
 _OUTPUT_ALIGNMENT = 256  # JAX aliases host memory only at 64-byte aligned addresses
 
 
-def spans(chain: Iterable[CacheEntry]) -> Iterable[tuple[int, CacheEntry]]:
-    """Each entry of a prefix with the token offset where it starts."""
+class SlotMemory(Protocol):
+    """What the copies need from the memory the slots live in: a pool, or the shared cache's mapping."""
+
+    #: Slot geometry.
+    layout: SlotLayout
+    #: Where the slots live (``"cpu"``, ``"cuda:0"``).
+    device: str
+    #: The framework of the slots' native views (the default framework of a new result).
+    backend: str
+
+    def overlaps(self, array: Any) -> bool:
+        """Whether ``array`` shares memory with any slot."""
+        ...
+
+
+class _Sized(Protocol):
+    @property
+    def num_tokens(self) -> int: ...
+
+
+Sized = TypeVar("Sized", bound=_Sized)
+
+
+def spans(chain: Iterable[Sized]) -> Iterator[tuple[int, Sized]]:
+    """Each chunk of a prefix (a cache entry or a KVObj) with the token offset where it starts."""
     start = 0
     for entry in chain:
         yield start, entry
         start += entry.num_tokens
 
 
+def out_too_short(limit: int, num_tokens: int) -> ChunkShapeError:
+    """The error of a ``retrieve`` whose ``out`` holds ``limit`` tokens when ``num_tokens`` match."""
+    return ChunkShapeError(
+        f"out holds {limit} tokens (dim 2) but {num_tokens} cached tokens match; pass an out with at "
+        f"least {num_tokens} tokens"
+    )
+
+
 class ChunkCopies:
-    """Copies between prompts and one pool's chunk slots; checks arrays first.
+    """Copies between prompts and the chunk slots of one pool (or mapping); checks arrays first.
 
     Args:
-        pool: the cache's pool.
+        pool: where the slots live: the cache's pool, or any :class:`SlotMemory`.
     """
 
-    def __init__(self, pool: LocalPool) -> None:
+    def __init__(self, pool: SlotMemory) -> None:
         self._pool = pool
         self._layout = pool.layout
         #: Whether the slots are in host memory (numpy views of them exist).
@@ -149,20 +179,21 @@ class ChunkCopies:
                 return
         obj.copy_to(dst)
 
-    def into_out(self, chain: list[CacheEntry], out: Any) -> None:
-        """Copy a pinned prefix into ``out[:, :, :n]`` (checked by :meth:`check_out`)."""
+    def into_out(self, chain: Sequence[KVObj], out: Any) -> None:
+        """Copy the chunks of a pinned prefix into ``out[:, :, :n]`` (checked by :meth:`check_out`)."""
         target = out
         if self.host and not isinstance(out, np.ndarray) and out.device.type == "cpu":
             target = host_array_of(out, "torch")  # a CPU tensor: write through numpy
-        for start, entry in spans(chain):
-            self.copy_out(entry.obj, target[:, :, start : start + entry.num_tokens])
+        for start, obj in spans(chain):
+            self.copy_out(obj, target[:, :, start : start + obj.num_tokens])
 
-    def gather(self, chain: list[CacheEntry], num_tokens: int, framework: str) -> Any:
-        """Copy a pinned prefix into a new contiguous array of ``framework`` (host, or the pool's device)."""
+    def gather(self, chain: Sequence[KVObj], num_tokens: int, framework: str) -> Any:
+        """Copy the chunks of a pinned prefix into a new contiguous array of ``framework`` (host, or the
+        pool's device)."""
         layout = self._layout
         shape = layout.view_shape(num_tokens)
         if not self.host and framework != "numpy":
-            views = [getattr(entry.obj, f"as_{framework}")() for entry in chain]
+            views = [getattr(obj, f"as_{framework}")() for obj in chain]
             # Done on return: the slots are unpinned then.
             return load_adapter(framework).concat_tokens(views)
         spec = layout.dtype
@@ -171,8 +202,8 @@ class ChunkCopies:
         start = (-raw.ctypes.data) % _OUTPUT_ALIGNMENT
         bits = raw[start : start + nbytes].view(spec.bits_dtype).reshape(shape)
         typed = bits.view(spec.numpy_dtype)
-        for offset, entry in spans(chain):
-            self.copy_out(entry.obj, typed[:, :, offset : offset + entry.num_tokens])
+        for offset, obj in spans(chain):
+            self.copy_out(obj, typed[:, :, offset : offset + obj.num_tokens])
         if framework == "numpy":
             return typed
         return load_adapter(framework).from_host(bits, spec)
@@ -196,4 +227,4 @@ class ChunkCopies:
         return True
 
 
-__all__ = ["ChunkCopies", "spans"]
+__all__ = ["ChunkCopies", "SlotMemory", "out_too_short", "spans"]

@@ -8,12 +8,13 @@ LMCache issues #1139 and #2979).
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from hashlib import blake2b
 from typing import Any
 
 import numpy as np
 
-from lmcache.errors import TokensTypeError, TokensValueError
+from lmcache.errors import ConfigError, TokensTypeError, TokensValueError
 from lmcache.registry import detect_framework
 
 #: Bytes of a chunk key (a 128-bit blake2b digest).
@@ -102,6 +103,49 @@ def _is_int(value: object) -> bool:
     return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
 
 
+def chunk_keys(ids: np.ndarray, chunk_size: int, root: bytes) -> Iterator[bytes]:
+    """Yield the key of each chunk of ``chunk_size`` tokens of ``ids`` (from :func:`token_ids`), chained
+    from ``root`` (:func:`root_key`), lazily: a caller that stops at a miss hashes no further.
+
+    Every cache, in-process or shared, hashes through this function, so their keys agree.
+    """
+    data = id_bytes(ids)
+    step = chunk_size * 8
+    key = root
+    for offset in range(0, len(data), step):
+        key = blake2b(data[offset : offset + step], digest_size=KEY_BYTES, key=key).digest()
+        yield key
+
+
+def chunk_tokens(num_tokens: int, chunk_size: int) -> list[int]:
+    """The token count of each chunk of a prompt of ``num_tokens`` tokens (the last may be partial)."""
+    return [min(chunk_size, num_tokens - start) for start in range(0, num_tokens, chunk_size)]
+
+
+def check_keys(keys: Sequence[bytes], num_tokens: int, chunk_size: int) -> list[bytes]:
+    """Return ``keys`` as a list, checked to be able to be the chunk keys of a prompt of ``num_tokens``
+    tokens (one :data:`KEY_BYTES`-byte key per chunk of ``chunk_size``), for the key-level calls.
+
+    Raises:
+        ConfigError: they cannot.
+    """
+    if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        raise ConfigError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
+    if isinstance(keys, (bytes, bytearray, str)):
+        raise ConfigError("keys must be a sequence of chunk keys (cache.keys(tokens)), not one key")
+    try:
+        listed = list(keys)
+    except TypeError:
+        raise ConfigError(f"keys must be a sequence of chunk keys, got a {type(keys).__name__}") from None
+    expected = -(-num_tokens // chunk_size)
+    if len(listed) != expected or any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in listed):
+        raise ConfigError(
+            f"a prompt of {num_tokens} tokens has {expected} chunk keys of {KEY_BYTES} bytes "
+            f"(cache.keys(tokens)), got {len(listed)}"
+        )
+    return listed
+
+
 def id_bytes(ids: np.ndarray) -> memoryview:
     """The bytes of a contiguous little-endian int64 array, without a copy where the host allows."""
     try:
@@ -110,4 +154,14 @@ def id_bytes(ids: np.ndarray) -> memoryview:
         return memoryview(ids.tobytes())
 
 
-__all__ = ["KEY_BYTES", "TokensTypeError", "TokensValueError", "id_bytes", "root_key", "token_ids"]
+__all__ = [
+    "KEY_BYTES",
+    "TokensTypeError",
+    "TokensValueError",
+    "check_keys",
+    "chunk_keys",
+    "chunk_tokens",
+    "id_bytes",
+    "root_key",
+    "token_ids",
+]

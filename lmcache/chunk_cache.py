@@ -23,23 +23,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator, Sequence
-from hashlib import blake2b
 from typing import Any
 
 import numpy as np
 
-from lmcache.cache_copies import ChunkCopies, spans
+from lmcache.cache_copies import ChunkCopies, out_too_short, spans
 from lmcache.cache_keys import (
     KEY_BYTES,
     TokensTypeError,
     TokensValueError,
-    id_bytes,
+    check_keys,
+    chunk_keys,
+    chunk_tokens,
     root_key,
     token_ids,
 )
 from lmcache.cache_records import CacheEntry, CacheStats, Lease
 from lmcache.disk import DiskTier
-from lmcache.errors import CacheInvariantError, ChunkShapeError, ConfigError
+from lmcache.errors import CacheInvariantError, ConfigError
 from lmcache.loans import ChunkLoan
 from lmcache.paged import PagedRequest, check_scatter_target
 from lmcache.policies import EvictionPolicy, make_policy
@@ -176,17 +177,11 @@ class ChunkCache:
 
     def chunk_tokens(self, num_tokens: int) -> list[int]:
         """The token count of each chunk of a prompt of ``num_tokens`` tokens (the last may be partial)."""
-        size = self._chunk_size
-        return [min(size, num_tokens - start) for start in range(0, num_tokens, size)]
+        return chunk_tokens(num_tokens, self._chunk_size)
 
     def _iter_keys(self, ids: np.ndarray) -> Iterator[bytes]:
         """Yield the chunk keys of ``ids`` lazily (a miss stops the caller early, sparing the hashing)."""
-        data = id_bytes(ids)
-        step = self._chunk_size * 8
-        key = self._root
-        for offset in range(0, len(data), step):
-            key = blake2b(data[offset : offset + step], digest_size=KEY_BYTES, key=key).digest()
-            yield key
+        return chunk_keys(ids, self._chunk_size, self._root)
 
     # -- queries -------------------------------------------------------------------------------------
     def lookup(self, tokens: Any) -> int:
@@ -388,11 +383,12 @@ class ChunkCache:
             num_tokens = sum(entry.num_tokens for entry in chain)
             if not chain:
                 return None, 0
+            objs = [entry.obj for entry in chain]
             if out is not None:
-                self._copies.into_out(chain, out)
+                self._copies.into_out(objs, out)
                 result = out
             else:
-                result = self._copies.gather(chain, num_tokens, framework)  # type: ignore[arg-type]
+                result = self._copies.gather(objs, num_tokens, framework)  # type: ignore[arg-type]
         finally:
             self._index.unpin(chain)
         return result, num_tokens
@@ -414,13 +410,44 @@ class ChunkCache:
         """
         keys = self._check_keys(keys, num_tokens)
         tokens = self.chunk_tokens(num_tokens)
-        if self._tiers:
-            self._tiers.pull(keys, tokens)
+        self._pull_keys(keys, num_tokens, None)
         cached = self._index.cached_prefix(keys, tokens)
         return self._lease(self._index.pin_prefix(cached, num_tokens, lease=True, tokens=tokens))
 
     def _lease(self, chain: list[CacheEntry]) -> Lease:
         return Lease(chain, self._index.release_lease, self._index.release_later)
+
+    def pin_keys(
+        self,
+        keys: Sequence[bytes],
+        num_tokens: int,
+        *,
+        within: int | None = None,
+        check: Callable[[int], None] | None = None,
+    ) -> Lease:
+        """Pin the longest cached prefix of a prompt given by its chunk keys for one read, as
+        :meth:`retrieve` and :meth:`load_paged` do, for callers that copy the chunks themselves (the
+        shared cache's server).
+
+        Unlike :meth:`lease_keys`, the pin is no lease (``stats().leased`` does not count it); the
+        query is counted as a retrieve's. ``release()`` unpins the chunks and marks them used.
+
+        Args:
+            keys, num_tokens: the prompt, as for :meth:`lookup_keys`.
+            within: fetch from the tiers only chunks within this many tokens (the tokens an ``out`` or
+                a block table can take); None: all.
+            check: called with the cached prefix's token count under the index's lock before anything
+                is pinned or counted; if it raises (an ``out`` too short), nothing is.
+
+        Raises:
+            ConfigError: ``keys`` do not fit ``num_tokens``, or do not chain; nothing is pinned.
+        """
+        keys = self._check_keys(keys, num_tokens)
+        tokens = self.chunk_tokens(num_tokens)
+        self._pull_keys(keys, num_tokens, within)
+        cached = self._index.cached_prefix(keys, tokens)
+        chain = self._index.pin_prefix(cached, num_tokens, lease=False, tokens=tokens, check=check)
+        return Lease(chain, self._index.unpin, self._index.unpin_later)
 
     def _pin_prefix(
         self, ids: np.ndarray, limit: int | None, *, lease: bool, check: Callable[[int], None] | None = None
@@ -430,10 +457,7 @@ class ChunkCache:
 
         def check_all(num_tokens: int) -> None:
             if limit is not None and num_tokens > limit:
-                raise ChunkShapeError(
-                    f"out holds {limit} tokens (dim 2) but {num_tokens} cached tokens match; pass an out "
-                    f"with at least {num_tokens} tokens"
-                )
+                raise out_too_short(limit, num_tokens)
             if check is not None:
                 check(num_tokens)
 
@@ -444,31 +468,25 @@ class ChunkCache:
     def _pull(self, ids: np.ndarray, limit: int | None) -> None:
         """Fetch the chunks that follow the local prefix of ``ids`` from the tiers into local slots (only
         chunks that fit in ``limit`` tokens: an ``out`` of that size)."""
-        if not self._tiers:
-            return
-        total = len(ids)
-        if limit is not None and limit < total:
-            total = limit - limit % self._chunk_size  # more would make retrieve raise
-        keys = list(self._iter_keys(ids[:total]))
-        self._tiers.pull(keys, self.chunk_tokens(total))
+        if self._tiers:
+            total = self._pull_tokens(len(ids), limit)
+            self._tiers.pull(list(self._iter_keys(ids[:total])), self.chunk_tokens(total))
+
+    def _pull_keys(self, keys: Sequence[bytes], num_tokens: int, limit: int | None) -> None:
+        """:meth:`_pull` of a prompt given by its keys."""
+        if self._tiers:
+            total = self._pull_tokens(num_tokens, limit)
+            self._tiers.pull(keys[: -(-total // self._chunk_size)], self.chunk_tokens(total))
+
+    def _pull_tokens(self, num_tokens: int, limit: int | None) -> int:
+        """How many leading tokens of a prompt a pull fetches: all, or the whole chunks within ``limit``
+        (more would make the read raise)."""
+        if limit is not None and limit < num_tokens:
+            return limit - limit % self._chunk_size
+        return num_tokens
 
     def _check_keys(self, keys: Sequence[bytes], num_tokens: int) -> list[bytes]:
-        """Return ``keys`` as a list, checked against ``num_tokens`` (one 16-byte key per chunk)."""
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
-            raise ConfigError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
-        if isinstance(keys, (bytes, bytearray, str)):
-            raise ConfigError("keys must be a sequence of chunk keys (cache.keys(tokens)), not one key")
-        try:
-            listed = list(keys)
-        except TypeError:
-            raise ConfigError(f"keys must be a sequence of chunk keys, got a {type(keys).__name__}") from None
-        expected = -(-num_tokens // self._chunk_size)
-        if len(listed) != expected or any(not isinstance(k, bytes) or len(k) != KEY_BYTES for k in listed):
-            raise ConfigError(
-                f"a prompt of {num_tokens} tokens has {expected} chunk keys of {KEY_BYTES} bytes "
-                f"(cache.keys(tokens)), got {len(listed)}"
-            )
-        return listed
+        return check_keys(keys, num_tokens, self._chunk_size)
 
     # -- tiers and lifecycle ----------------------------------------------------------------------------
     def flush(self, timeout: float | None = None) -> bool:

@@ -97,6 +97,18 @@ class RemoteValueError(MemPoolError, ValueError):
     length, checksum); :mod:`lmcache.remote` counts it as corrupt and never returns it."""
 
 
+class ProtocolError(MemPoolError, ValueError):
+    """A message on the shared cache's socket (:mod:`lmcache.shared`) is malformed, truncated, oversized
+    or names something its sender was not given. The server closes that connection; a client counts it
+    as a server failure. Neither passes it to the caller."""
+
+
+class ServerUnavailableError(MemPoolError, ConnectionError):
+    """No shared cache server answered at a socket path when a client first connected
+    (``lmcache.shared.connect``); the message says how to start one. Later failures of the server are
+    never raised: calls answer as misses."""
+
+
 __all__ = [
     "BackendUnavailableError",
     "BenchmarkError",
@@ -115,7 +127,9 @@ __all__ = [
     "PoolClosedError",
     "PoolTooLargeError",
     "ReadOnlyHandleError",
+    "ProtocolError",
     "RemoteValueError",
+    "ServerUnavailableError",
     "StaleHandleError",
     "TokensTypeError",
     "TokensValueError",

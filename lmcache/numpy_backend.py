@@ -23,9 +23,15 @@ class NumpyAdapter:
     name = "numpy"
 
     def create_arena(
-        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+        self,
+        layout: SlotLayout,
+        num_slots: int,
+        *,
+        device: str,
+        pin_memory: bool | None,
+        memory: np.ndarray | None = None,
     ) -> HostArena:
-        """Create a host arena; numpy has no device memory and cannot pin."""
+        """Create a host arena (in ``memory`` when given); numpy has no device memory and cannot pin."""
         if device != "cpu":
             raise ConfigError(
                 f"the numpy backend has host memory only, not {device!r}; use backend='torch' or "
@@ -33,7 +39,7 @@ class NumpyAdapter:
             )
         if pin_memory:
             raise ConfigError("the numpy backend cannot pin memory; use backend='torch' or 'jax'")
-        return HostArena(layout, num_slots)
+        return HostArena(layout, num_slots, host=memory)
 
     def from_host(self, bits: np.ndarray, spec: DTypeSpec) -> np.ndarray:
         """View host bits as ``spec``'s numpy dtype."""

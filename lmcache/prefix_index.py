@@ -233,6 +233,11 @@ class PrefixIndex:
         found unreleased (it may run while this thread holds the lock)."""
         self._dropped.append(("lease", list(chain)))
 
+    def unpin_later(self, chain: Sequence[CacheEntry]) -> None:
+        """:meth:`unpin` (with a use), deferred to the index's next call: for a pin the garbage collector
+        found unreleased."""
+        self._dropped.append(("pin", list(chain)))
+
     def reservation(self) -> Reservation:
         """Start adding chunks: see :class:`Reservation`."""
         return Reservation(self)
@@ -375,6 +380,9 @@ class PrefixIndex:
             kind, held = self._dropped.popleft()
             if kind == "lease":
                 self._release_lease(held)
+            elif kind == "pin":
+                self._check_pinned(held, leases=False)
+                self._unpin(held, True)
             else:
                 chain, taken = held
                 for _, obj, _ in taken:

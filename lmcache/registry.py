@@ -45,9 +45,19 @@ class FrameworkAdapter(Protocol):
     name: str
 
     def create_arena(
-        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+        self,
+        layout: SlotLayout,
+        num_slots: int,
+        *,
+        device: str,
+        pin_memory: bool | None,
+        memory: np.ndarray | None = None,
     ) -> Arena:
-        """Materialize an arena of ``num_slots`` slots on ``device`` (``"cpu"``, ``"gpu"``, ``"cuda:1"``)."""
+        """Materialize an arena of ``num_slots`` slots on ``device`` (``"cpu"``, ``"gpu"``, ``"cuda:1"``).
+
+        ``memory``: host memory to adopt instead of allocating (a CPU arena only; see
+        :func:`lmcache.arena.adopted_memory`), such as a mapping shared between processes.
+        """
         ...
 
     def from_host(self, bits: np.ndarray, spec: DTypeSpec) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from disktest import close_tiers
 from kvtest import BACKENDS, require
 from redis_server import RedisServer, require_redis
+from sharedtest import socket_dir
 
 
 @pytest.fixture(params=BACKENDS)
@@ -32,3 +34,10 @@ def _close_disk_tiers() -> Iterator[None]:
     """Close the disk tiers a test made with :func:`disktest.tier` (their writer threads end)."""
     yield
     close_tiers()
+
+
+@pytest.fixture
+def socket_path() -> Iterator[str]:
+    """A path for a shared cache server's socket, in a fresh private directory removed afterwards."""
+    with socket_dir() as directory:
+        yield os.path.join(directory, "cache.sock")

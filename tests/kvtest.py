@@ -10,6 +10,8 @@ import gc
 import importlib
 import importlib.util
 import os
+import time
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -165,6 +167,16 @@ def require_mounts() -> None:
         if "mounts" in REQUIRED:
             pytest.fail("mounting is required in this session (LMCACHE_REQUIRE_BACKENDS) but not permitted")
         pytest.skip("this process may not mount filesystems (needs root with CAP_SYS_ADMIN)")
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
+    """Poll ``condition`` every 20 ms for up to ``seconds``; return its last answer."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.02)
+    return condition()
 
 
 def run_state_machine(machine: Any, backend: str, max_examples: int) -> None:

@@ -1,5 +1,5 @@
 """A real ``redis-server`` for the remote tier's tests, on a free 127.0.0.1 port, persistence off, and
-the helpers those tests share (:func:`tier_for`, :func:`wait_until`, :func:`chunk_shape`).
+the helpers those tests share (:func:`tier_for`, :func:`chunk_shape`; ``wait_until`` is kvtest's).
 
 :func:`require_redis` (and :func:`require_client`, for tests that need no server) are the suite's one
 way to skip these tests, in the style of :func:`kvtest.require`: where ``LMCACHE_REQUIRE_BACKENDS`` names
@@ -18,7 +18,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -42,16 +41,6 @@ def tier_for(url: str, **kwargs: Any) -> RedisTier:
     options: dict[str, Any] = {"socket_timeout": 0.5, "connect_timeout": 0.5, "backoff_max": 0.2}
     options.update(kwargs)
     return RedisTier(url, **options)
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10.0) -> bool:
-    """Poll ``condition`` every 20 ms for up to ``seconds``; return its last answer."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.02)
-    return condition()
 
 
 def chunk_shape(tokens: int) -> tuple[int, int, int, int, int]:

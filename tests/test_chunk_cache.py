@@ -236,6 +236,27 @@ def test_a_store_never_evicts_its_own_chain_and_never_raises_for_a_full_pool() -
     assert cache.stats().stored == 4
 
 
+def test_a_parked_parent_pinned_by_a_store_stays_held_when_its_last_child_goes() -> None:
+    """Regression (found by the shared cache's model test): an aborted store releases its cached prefix
+    untouched, so a parent with children goes to the cold end and is parked when chosen; a later store
+    pins it, and evicting its last child must not make the pinned parent a candidate again."""
+    cache = _cache(slots=6)
+    head = [2000 + i for i in range(CHUNK)]
+    first = [*head, *range(CHUNK), 500]  # head, a child of it, a partial chunk
+    cache.store(first, prefix_kv(first))
+    aborted = [*head, 500]
+    cache.begin_store(cache.keys(aborted), len(aborted)).abort()  # head released untouched: coldest
+    fill = [i for _ in range(4) for i in range(CHUNK)]
+    assert cache.store(fill, prefix_kv(fill)) == 4 * CHUNK  # head parked, first's tail evicted
+    again = [*head, *range(1000, 1000 + 2 * CHUNK)]
+    assert cache.store(again, prefix_kv(again)) == 3 * CHUNK  # pins head, evicts its last child
+    assert cache.stats().pinned == 0
+    for index in range(3):  # head must never be offered as a victim while pinned, nor lost by the policy
+        other = _prompt(2 * CHUNK, 40 + index)
+        cache.store(other, prefix_kv(other))
+    assert cache.stats().pinned == 0
+
+
 def test_leased_chunks_survive_stores_and_clear() -> None:
     cache = _cache(slots=4)
     a = _prompt(2 * CHUNK, 1)

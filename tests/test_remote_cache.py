@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_state_machine_as_test
 
 from cachetest import CHUNK, cache_pool, prefix_kv
-from kvtest import require, same_bits, to_native
+from kvtest import require, same_bits, to_native, wait_until
 from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import ConfigError
 from lmcache.remote import HEADER
-from redis_server import HOST, RedisServer, free_port, require_redis, run_peer, tier_for, wait_until
+from redis_server import HOST, RedisServer, free_port, require_redis, run_peer, tier_for
 
 PROMPT = [5 * i + 1 for i in range(3 * CHUNK + 7)]  # 3 full chunks and a partial one
 CHUNKS = 4

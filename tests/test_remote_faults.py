@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from kvtest import SMALL_SHAPE, random_bits, same_bits
+from kvtest import SMALL_SHAPE, random_bits, same_bits, wait_until
 from lmcache import remote
 from lmcache.remote import connections, replies
 from redis_server import (
@@ -25,7 +25,6 @@ from redis_server import (
     free_port,
     require_redis,
     tier_for,
-    wait_until,
 )
 
 SHAPE = SMALL_SHAPE

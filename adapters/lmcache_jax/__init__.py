@@ -308,15 +308,29 @@ class JaxAdapter:
     name = "jax"
 
     def create_arena(
-        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+        self,
+        layout: SlotLayout,
+        num_slots: int,
+        *,
+        device: str,
+        pin_memory: bool | None,
+        memory: np.ndarray | None = None,
     ) -> JaxCPUArena | JaxGPUArena:
-        """Create a CPU arena (in ``pinned_host`` memory when a GPU exists) or a GPU arena."""
+        """Create a CPU arena (in ``pinned_host`` memory when a GPU exists; in ``memory`` when given,
+        which JAX cannot pin) or a GPU arena."""
         gpus = _gpu_devices()
         if device == "cpu":
             if pin_memory and not gpus:
                 raise DeviceUnavailableError(
                     "pin_memory=True needs a GPU, and JAX sees none; pass pin_memory=False"
                 )
+            if memory is not None:
+                if pin_memory:
+                    raise ConfigError(
+                        "JAX cannot pin memory it did not allocate (memory=); pass pin_memory=None or "
+                        "False, and move chunks to the device with jax.device_put"
+                    )
+                return JaxCPUArena(layout, num_slots, host=memory)
             if gpus and pin_memory is not False:
                 arena = _pinned_host_arena(layout, num_slots, gpus[0])
                 if arena is not None:
@@ -324,6 +338,8 @@ class JaxAdapter:
             return JaxCPUArena(layout, num_slots)
         if pin_memory:
             raise ConfigError("pin_memory applies to CPU pools only")
+        if memory is not None:
+            raise ConfigError("memory= gives host memory to a CPU pool; a GPU pool allocates its own")
         if not gpus:
             raise DeviceUnavailableError(
                 f"a GPU pool was asked for (device={device!r}) but JAX sees no GPU; use LocalCPUPool, "

@@ -98,8 +98,10 @@ class TorchCPUArena(HostArena):
 
     backend = "torch"
 
-    def __init__(self, layout: SlotLayout, num_slots: int, *, pin_memory: bool) -> None:
-        super().__init__(layout, num_slots)
+    def __init__(
+        self, layout: SlotLayout, num_slots: int, *, pin_memory: bool, host: np.ndarray | None = None
+    ) -> None:
+        super().__init__(layout, num_slots, host=host)
         self._dtype = torch_dtype(layout.dtype)
         whole = torch.from_numpy(self.host).view(self._dtype).view(num_slots, layout.slot_elems)
         self._whole = whole
@@ -276,14 +278,23 @@ class TorchAdapter:
     name = "torch"
 
     def create_arena(
-        self, layout: SlotLayout, num_slots: int, *, device: str, pin_memory: bool | None
+        self,
+        layout: SlotLayout,
+        num_slots: int,
+        *,
+        device: str,
+        pin_memory: bool | None,
+        memory: np.ndarray | None = None,
     ) -> TorchCPUArena | TorchCUDAArena:
-        """Create a CPU arena (pinned by default when CUDA exists) or a CUDA arena."""
+        """Create a CPU arena (pinned by default when CUDA exists; in ``memory`` when given, pinned at
+        exactly the arena's bytes) or a CUDA arena."""
         if device == "cpu":
             pin = torch.cuda.is_available() if pin_memory is None else pin_memory
-            return TorchCPUArena(layout, num_slots, pin_memory=pin)
+            return TorchCPUArena(layout, num_slots, pin_memory=pin, host=memory)
         if pin_memory:
             raise ConfigError("pin_memory applies to CPU pools only")
+        if memory is not None:
+            raise ConfigError("memory= gives host memory to a CPU pool; a GPU pool allocates its own")
         if not torch.cuda.is_available():
             raise DeviceUnavailableError(
                 f"a GPU pool was asked for (device={device!r}) but torch sees no CUDA device; "

@@ -13,6 +13,7 @@ from typing import Any
 from lmcache import forksafe
 from lmcache.allocator import ChunkAllocator, PoolStats, closed_error
 from lmcache.arena import Arena
+from lmcache.arena_owner import ArenaOwner
 from lmcache.checks import ChunkChecker
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import (
@@ -20,7 +21,6 @@ from lmcache.errors import (
     ConfigError,
     ForeignHandleError,
     NotPicklableError,
-    OverlapError,
 )
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
 from lmcache.memory import MemoryExtent
@@ -28,14 +28,15 @@ from lmcache.registry import detect_framework, load_adapter, resolve_backend
 from lmcache.storage_backend.mem_pool.base_pool import BasePool, KVBatch, KVObj
 
 
-class LocalPool(BasePool):
+class LocalPool(BasePool, ArenaOwner):
     """A pool of ``max_chunk_num`` equal slots in one arena, for chunks of up to ``chunk_size`` tokens.
 
     The pool composes three parts, each owning its state: a :class:`~lmcache.allocator.ChunkAllocator`
     (which slots are free, who owns the others), an arena (the memory and its views, from the backend's
     adapter) and a :class:`~lmcache.checks.ChunkChecker` (what an argument may be). It also serves its
-    handles (:class:`~lmcache.storage_backend.mem_pool.base_pool.ChunkOwner`): every use of a KVObj is
-    checked against the allocator, and every view it gets is its own.
+    handles (:class:`~lmcache.storage_backend.mem_pool.base_pool.ChunkOwner`, through
+    :class:`~lmcache.arena_owner.ArenaOwner`): every use of a KVObj is checked against the allocator, and
+    every view it gets is its own.
 
     Args:
         metadata: chunk shape, dtype and memory budget.
@@ -48,6 +49,11 @@ class LocalPool(BasePool):
         thread_safe: guard every public method with a lock (default). ``False`` removes the lock for
             single-owner use.
         slot_alignment: slot stride multiple in bytes (a power of two from 256 to 1 GiB).
+        memory: host memory for the arena instead of a new allocation (a CPU pool only): a writable,
+            page-aligned 1-D ``uint8`` numpy array of at least ``max_chunk_num * size_per_chunk``
+            bytes, such as a mapping shared with other processes (:mod:`lmcache.shared` serves one
+            cache from such a pool). The pool views it in place and never frees it; pinning applies
+            to it as to a new arena.
 
     Raises:
         ConfigError: bad metadata or options; the budget is smaller than one slot.
@@ -79,6 +85,7 @@ class LocalPool(BasePool):
         pin_memory: bool | None = None,
         thread_safe: bool = True,
         slot_alignment: int = MIN_SLOT_ALIGNMENT,
+        memory: Any = None,
     ) -> None:
         if not isinstance(metadata, LMCacheMemPoolMetadata):
             raise ConfigError(f"metadata must be an LMCacheMemPoolMetadata, got {type(metadata).__name__}")
@@ -99,9 +106,11 @@ class LocalPool(BasePool):
         #: The framework of ``KVObj.data`` and ``arena``.
         self.backend = resolve_backend(backend, metadata)
         device = self._resolve_device(device)
+        if memory is not None and device != "cpu":
+            raise ConfigError(f"memory= gives host memory to a CPU pool, not to a {device} pool")
         adapter = load_adapter(self.backend)
         self._arena: Arena = adapter.create_arena(
-            self.layout, self.max_chunk_num, device=device, pin_memory=pin_memory
+            self.layout, self.max_chunk_num, device=device, pin_memory=pin_memory, memory=memory
         )
         #: Where the arena lives (``"cpu"``, ``"cuda:0"``).
         self.device: str = self._arena.device
@@ -111,7 +120,6 @@ class LocalPool(BasePool):
         self._acquire_one = self._allocator.acquire_one
         self._release_one = self._allocator.release_one
         self._is_live = self._allocator.is_live
-        self._view = self._arena.view
         self._shapes = self._checker.shapes  # read only here; the checker fills it
         base = self._arena.base_address
         self._extent = MemoryExtent(self.device, base, base + self.max_chunk_num * self.size_per_chunk, False)
@@ -327,19 +335,6 @@ class LocalPool(BasePool):
             raise ConfigError(f"chunk_idx must be an int in 0..{self.max_chunk_num - 1}, got {chunk_idx!r}")
         return self._arena.base_address + chunk_idx * self.size_per_chunk
 
-    def overlaps(self, array: Any) -> bool:
-        """Whether ``array``'s elements share memory with this pool's arena (any slot, in use or free).
-
-        Writing into such an array writes past the handles into chunks that others own: layers that
-        write into arrays they are given (a cache's ``retrieve(out=...)``, a paged load) refuse them.
-        False for arrays whose framework does not say where their memory is.
-        """
-        framework = detect_framework(array)
-        if framework is None:
-            return False
-        extent = load_adapter(framework).memory_extent(array)
-        return extent is not None and extent.overlaps(self._extent)
-
     @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
@@ -389,10 +384,16 @@ class LocalPool(BasePool):
         """Whether the handle ``(slot, generation)`` owns its slot now."""
         return self._is_live(slot, generation)
 
-    # The rest is private to the handle types: each method takes the handle and checks that it owns
-    # its slot, so no caller without the live handle of a slot can reach the slot's memory.
+    # The views and copies of handles are ArenaOwner's; each first asks _live_slot, so no caller
+    # without the live handle of a slot can reach the slot's memory.
     def _live_slot(self, handle: KVObj) -> int:
         """Return the slot of ``handle`` after checking that it is this pool's and owns its slot."""
+        try:  # the common case first: every handle's first .data comes here (allocate's hot path)
+            slot = handle.chunk_idx
+            if handle.pool is self and self._is_live(slot, handle.generation):
+                return slot
+        except AttributeError:  # not a KVObj: refused below
+            pass
         if handle.__class__ is not KVObj and not isinstance(handle, KVObj):
             raise ForeignHandleError(f"expected a KVObj of this pool, got {type(handle).__name__}")
         if handle.pool is not self:
@@ -401,42 +402,6 @@ class LocalPool(BasePool):
         if not self._is_live(slot, handle.generation):
             raise self._allocator.handle_error(slot, handle.generation, freeing=False)
         return slot
-
-    def _view_of(self, handle: KVObj, framework: str | None) -> Any:
-        """Return a view of the handle's chunk in ``framework`` (None: the pool's), the caller's alone."""
-        # The checks of _live_slot, inlined for the first .data of every handle (allocate's hot path);
-        # anything unusual takes _live_slot for its error.
-        try:
-            slot = handle.chunk_idx
-            live = handle.pool is self and self._is_live(slot, handle.generation)
-        except AttributeError:  # not a KVObj
-            live = False
-        if not live:
-            slot = self._live_slot(handle)
-        if framework is None or framework == self.backend:
-            return self._view(slot, handle.num_tokens)
-        return self._arena.export(slot, handle.num_tokens, framework)
-
-    def _producer_of(self, handle: KVObj) -> Any:
-        """Return a DLPack producer of the handle's chunk."""
-        return self._arena.dlpack_producer(self._live_slot(handle), handle.num_tokens)
-
-    def _copy_into(self, handle: KVObj, src: Any) -> None:
-        """Check ``src`` completely, then copy it into the handle's chunk."""
-        slot = self._live_slot(handle)
-        framework, array, _ = self._checker.source(src, handle.num_tokens, "copy_from source")
-        self._arena.copy_in(slot, handle.num_tokens, array, framework)
-
-    def _copy_out_of(self, handle: KVObj, dst: Any) -> None:
-        """Check ``dst`` (it may not overlap another slot of this pool), then copy the chunk into it."""
-        slot = self._live_slot(handle)
-        framework = self._checker.destination(dst, handle.num_tokens)
-        self._refuse_overlap(dst, "copy_to destination", allowed=slot)
-        self._arena.copy_out(slot, handle.num_tokens, dst, framework)
-
-    def _clone_of(self, handle: KVObj, framework: str | None) -> Any:
-        """Return an owning copy of the handle's chunk in ``framework`` (default: the pool's)."""
-        return self._arena.clone(self._live_slot(handle), handle.num_tokens, framework or self.backend)
 
     # -- internals ---------------------------------------------------------------------------------
     def _resolve_device(self, device: str | None) -> str:
@@ -458,19 +423,6 @@ class LocalPool(BasePool):
             f"KVObj(chunk_idx={kv_obj.chunk_idx}) belongs to another pool ({kv_obj.pool!r}); "
             "free it with the pool that allocated it"
         )
-
-    def _refuse_overlap(self, array: Any, what: str, *, allowed: int) -> None:
-        """Raise :class:`OverlapError` if ``array`` shares memory with any slot but ``allowed``."""
-        framework = detect_framework(array)
-        extent = None if framework is None else load_adapter(framework).memory_extent(array)
-        if extent is None or not extent.overlaps(self._extent):
-            return
-        start = self._extent.start + allowed * self.size_per_chunk
-        if not extent.within(start, start + self.size_per_chunk):
-            raise OverlapError(
-                f"{what} overlaps other slots of this pool: writing it would change chunks that other "
-                "handles own; copy between chunks with target.copy_from(kv_obj), or pass memory of your own"
-            )
 
     def _check_open(self) -> None:
         if self._allocator.closed:
@@ -503,6 +455,7 @@ class LocalCPUPool(LocalPool):
         pin_memory: bool | None = None,
         thread_safe: bool = True,
         slot_alignment: int = MIN_SLOT_ALIGNMENT,
+        memory: Any = None,
     ) -> None:
         super().__init__(
             metadata,
@@ -511,6 +464,7 @@ class LocalCPUPool(LocalPool):
             pin_memory=pin_memory,
             thread_safe=thread_safe,
             slot_alignment=slot_alignment,
+            memory=memory,
         )
 
 
