@@ -127,17 +127,7 @@ class PrefixIndex:
             ConfigError: a key is cached under another parent (the keys do not chain), or, with
                 ``tokens``, chunk ``i`` is cached with another token count than ``tokens[i]``.
         """
-        entries = self._entries
-        found = []
-        parent = None
-        for position, key in enumerate(keys):
-            entry = entries.get(key)
-            if entry is None:
-                break
-            self._check_link(entry, parent, None if tokens is None else tokens[position], position)
-            found.append(key)
-            parent = entry
-        return found
+        return [entry.key for entry in self._matching(keys, tokens)]
 
     def stats(self, **tiers: int) -> CacheStats:
         """A consistent snapshot of the counters (``tiers``: the tiers' counters, passed through)."""
@@ -390,9 +380,10 @@ class PrefixIndex:
                 self._check_pinned(chain, leases=False)
                 self._unpin(chain, False)
 
-    def _matching(self, keys: Sequence[bytes], tokens: Sequence[int] | None) -> list[CacheEntry]:
-        """The entries of the longest cached prefix of ``keys``, checked to chain (and to have
-        ``tokens``)."""
+    def _matching(self, keys: Iterable[bytes], tokens: Sequence[int] | None) -> list[CacheEntry]:
+        """The entries of the longest cached prefix of ``keys`` (consumed no further than its first
+        miss), checked to chain (and to have ``tokens``). Read without the lock by :meth:`cached_prefix`:
+        dict reads are atomic and an entry is published complete."""
         chain: list[CacheEntry] = []
         entries = self._entries
         parent = None
