@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache.allocator import closed_error
 from lmcache.cache_copies import ChunkCopies, out_too_short, spans
 from lmcache.cache_keys import (
     KEY_BYTES,
@@ -415,7 +416,11 @@ class ChunkCache:
         return self._lease(self._index.pin_prefix(cached, num_tokens, lease=True, tokens=tokens))
 
     def _lease(self, chain: list[CacheEntry]) -> Lease:
-        return Lease(chain, self._index.release_lease, self._index.release_later)
+        lease = Lease(chain, self._index.release_lease, self._index.release_later)
+        if chain and self.pool.closed:  # its chunks could not be read: refuse, as retrieve does
+            lease.release()
+            raise closed_error()
+        return lease
 
     def pin_keys(
         self,

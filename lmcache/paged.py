@@ -327,7 +327,11 @@ def _as_int_array(block_ids: Any) -> np.ndarray:
     if ids.size == 0:
         return np.zeros(0, np.int64)
     if ids.dtype.kind not in "iu" or (
-        isinstance(block_ids, (list, tuple)) and any(isinstance(i, (bool, np.bool_)) for i in block_ids)
+        isinstance(block_ids, (list, tuple))
+        and any(
+            isinstance(i, (bool, np.bool_)) or str(getattr(i, "dtype", "")) in ("bool", "torch.bool")
+            for i in block_ids
+        )
     ):
         raise ChunkTypeError(f"block_ids must be integer ids (not bools or floats), got dtype {ids.dtype}")
     return ids

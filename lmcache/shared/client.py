@@ -464,6 +464,7 @@ class SharedChunkCache:
         chain = [
             CacheEntry(key, obj, None, obj.num_tokens) for key, obj in zip(keys, hold.handles, strict=False)
         ]
+
         def release_dropped(chain: list[CacheEntry]) -> None:  # from the garbage collector: not here
             threading.Thread(target=release, args=(chain,), name="lmcache-lease-release", daemon=True).start()
 
