@@ -532,3 +532,29 @@ def test_disk_tier_state_machine() -> None:
     run_state_machine_as_test(
         DiskModel, settings=settings(max_examples=40, stateful_step_count=25, deadline=None)
     )
+
+
+def test_bench_section_measures_against_plain_file_io(tmp_path: Path) -> None:
+    require_disk()
+    from lmcache.bench import Options
+    from lmcache.bench.disk import SCAN_CHUNKS, bench_disk
+
+    results = bench_disk(["numpy"], Options(repeat=1, progress=None, disk_dir=str(tmp_path)))
+    assert [r.metric for r in results] == [
+        "disk write (256 KiB chunk)",
+        "disk read (256 KiB chunk)",
+        "xxh3_64 over a 256 KiB chunk",
+        "disk write (32 MiB chunk)",
+        "disk read (32 MiB chunk)",
+        "disk read, device (32 MiB chunk)",
+        "xxh3_64 over a 32 MiB chunk",
+        *(f"disk restart: scan of {n // 4} chunk files" for n in SCAN_CHUNKS),
+    ]  # no TTFT rows: torch is not among the backends
+    for result in results:
+        assert result.baseline is not None
+        if result.ratio is not None and result.metric.startswith("disk "):
+            assert result.ratio == pytest.approx(
+                result.baseline / result.value if result.unit == "ms" else result.value / result.baseline
+            )
+    assert [r.target for r in results[3:6]] == [0.8] * 3
+    assert os.listdir(tmp_path) == []  # its workspace is removed
