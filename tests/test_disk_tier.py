@@ -546,6 +546,7 @@ def test_bench_section_measures_against_plain_file_io(tmp_path: Path) -> None:
         "xxh3_64 over a 256 KiB chunk",
         "disk write (32 MiB chunk)",
         "disk read (32 MiB chunk)",
+        "disk write, fsync (32 MiB chunk)",
         "disk read, device (32 MiB chunk)",
         "xxh3_64 over a 32 MiB chunk",
         *(f"disk restart: scan of {n // 4} chunk files" for n in SCAN_CHUNKS),
@@ -556,5 +557,5 @@ def test_bench_section_measures_against_plain_file_io(tmp_path: Path) -> None:
             assert result.ratio == pytest.approx(
                 result.baseline / result.value if result.unit == "ms" else result.value / result.baseline
             )
-    assert [r.target for r in results[3:6]] == [0.8] * 3
+    assert [r.target for r in results[3:7]] == [0.8] * 4
     assert os.listdir(tmp_path) == []  # its workspace is removed

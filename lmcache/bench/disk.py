@@ -10,8 +10,9 @@ baselines taken in the same run on the same filesystem:
   slot, each piece hashed as it lands, then checked, as ``ChunkCache`` reads through) against a plain
   ``readinto`` of the same bytes into the same slot; target >= 0.8x. Both read the page cache (the
   files were just written), so both run at memory speed and the checksum is what separates them:
-  the ``xxh3_64`` row gives its throughput and the bound it sets. For 32 MiB chunks the reads are
-  also measured from the device, the page cache dropped before each (``posix_fadvise(DONTNEED)``);
+  the ``xxh3_64`` row gives its throughput and the bound it sets. For 32 MiB chunks both are also
+  measured to and from the device: writes with ``fsync=True`` against a plain write and ``fsync``,
+  reads with the page cache dropped before each (``posix_fadvise(DONTNEED)``);
 - the restart: a new tier's scan of a directory of chunk files, against a bare ``os.walk`` with one
   ``lstat`` per file, at two sizes (the cost per chunk stays flat: linear);
 - time to first token of the tiny Llama serving scenario (:mod:`lmcache.bench.serving`) after a restart
@@ -109,7 +110,9 @@ def _bench_chunk(
     slot, landing = source.as_numpy(), target.as_numpy()
     payload, into = byte_view(slot), byte_view(landing)
     directory.mkdir(parents=True)
-    writes = DiskTier(directory / "writes", size_gib=(KEEP + 0.5) * (HEADER.size + payload.nbytes) / 2**30)
+    bound_gib = (KEEP + 0.5) * (HEADER.size + payload.nbytes) / 2**30
+    writes = DiskTier(directory / "writes", size_gib=bound_gib)
+    synced = DiskTier(directory / "synced", size_gib=bound_gib, fsync=True)
     reads = DiskTier(directory / "reads", size_gib=1.0)
     key = reads.key("bench", bytes(16))
     raw_path = os.fspath(directory / "read.bin")
@@ -117,17 +120,17 @@ def _bench_chunk(
     raw_files: collections.deque[str] = collections.deque()
     hasher = xxh3()
 
-    def put() -> None:
-        if not writes.write(
-            writes.key("bench", next(numbers).to_bytes(16, "little")), slot, dtype.name, shape
-        ):
-            raise BenchmarkError(f"a chunk write to {directory} failed: {writes.stats()}")
+    def put(tier: Any = writes) -> None:
+        if not tier.write(tier.key("bench", next(numbers).to_bytes(16, "little")), slot, dtype.name, shape):
+            raise BenchmarkError(f"a chunk write to {directory} failed: {tier.stats()}")
 
-    def raw_write() -> None:
+    def raw_write(fsync: bool = False) -> None:
         path = os.fspath(directory / f"write-{next(numbers)}.bin")
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
         try:
             write_all(fd, payload, 0)
+            if fsync:
+                os.fsync(fd)
         finally:
             os.close(fd)
         raw_files.append(path)
@@ -168,7 +171,9 @@ def _bench_chunk(
             ("xxh3", checksum),
         )
     }
-    if big:  # from the device: the page cache dropped before each read (the files fsynced first)
+    if big:  # to and from the device: fsync after each write; the page cache dropped before each read
+        trials["write, fsync"] = common.timed(lambda: put(synced), ops)
+        trials["os.write, fsync"] = common.timed(lambda: raw_write(fsync=True), ops)
         tier_file = reads.file_path(key)
         for path in (tier_file, raw_path):
             _fsync(path)
@@ -178,8 +183,8 @@ def _bench_chunk(
     get()
     if landing.tobytes() != slot.tobytes():
         raise BenchmarkError("the chunk read back through the disk tier differs from the one written")
-    writes.close()
-    reads.close()
+    for tier in (writes, synced, reads):
+        tier.close()
     pool.close()
     gbps = {name: payload.nbytes / seconds / 1e9 for name, seconds in best.items()}
     bound = 1 / (1 + gbps["readinto"] / gbps["xxh3"])
@@ -188,6 +193,9 @@ def _bench_chunk(
         ("read", "readinto", "readinto", "into a pool slot, every byte checked; page cache"),
     ]
     if big:
+        rows.append(
+            ("write, fsync", "os.write, fsync", "pwritev + fsync", "fsync=True: the file and its directory")
+        )
         rows.append(("read, device", "readinto, device", "readinto", "page cache dropped before each read"))
     results = [
         Result(
