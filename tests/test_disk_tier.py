@@ -170,6 +170,34 @@ def test_probe_checks_sizes_and_looks_for_chunks_other_tiers_wrote(tmp_path: Pat
             reader.probe(keys[:2], "float16", [SHAPE])
 
 
+def test_a_miss_in_a_settled_directory_costs_no_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk = random_bits(SHAPE, "float16")
+    with tier(tmp_path) as reader, tier(tmp_path) as writer:
+        first, second = (writer.key("m", bytes([7, i]) * 8) for i in range(2))  # one fan-out directory
+        assert writer.write(first, chunk, "float16", SHAPE)
+        fan = file_of(writer, first).parent
+        long_ago = time.time() - 10
+        os.utime(fan, (long_ago, long_ago))
+        listings: list[str] = []
+        real = os.scandir
+
+        def scandir(path: Any) -> Any:
+            listings.append(os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        assert reader.probe([second], "float16", [SHAPE]) == [False]
+        assert listings == [str(fan)]  # listed once: settled since
+        assert reader.probe([second], "float16", [SHAPE]) == [False]
+        assert read_chunk(reader, second, "float16", SHAPE) is None
+        assert listings == [str(fan)]  # unchanged: one lstat per miss, no listing
+        assert writer.write(second, chunk, "float16", SHAPE)  # the directory changes
+        assert reader.probe([second], "float16", [SHAPE]) == [True]
+        assert len(listings) == 2
+
+
 # -- eviction --------------------------------------------------------------------------------------
 def _on_disk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in chunk_files(root))

@@ -29,6 +29,9 @@ logger = logging.getLogger("lmcache.disk")
 #: copy. For 32 MiB chunks, interleaved, best of 15 (2-CPU VM, 2026-12-02): 512 KiB pieces 0.86x of
 #: a plain write, 256 KiB, 1 MiB and 2 MiB 0.80-0.81x.
 WRITE_PIECE_BYTES = 512 << 10
+#: A directory whose modification time is this much older than a listing of it is settled: a later
+#: change gets a later time (file times tick in milliseconds).
+SETTLED_NS = 1_000_000_000
 
 
 class ChunkFiles:
@@ -46,6 +49,9 @@ class ChunkFiles:
         self._index = index
         self._counters = counters
         self._fsync = fsync
+        # fan-out directory -> its mtime when a listing of it found it settled (changed over a second
+        # before): while its mtime is unchanged, a key not indexed is not there either.
+        self._settled: dict[str, int] = {}
 
     @property
     def layout(self) -> Layout:
@@ -127,12 +133,30 @@ class ChunkFiles:
     # -- what a DiskStream needs (DiskHost) -------------------------------------------------------------
     def locate(self, key: bytes, *, learn: bool) -> DiskEntry | None:
         """The entry of ``key``; with ``learn``, a key not indexed is looked for in its fan-out
-        directory (written by another process since this tier was built) and indexed if found."""
+        directory (written by another process since this tier was built) and indexed if found.
+
+        The look is one listing of the directory, or just its ``lstat`` when the directory has not
+        changed since a listing that found it settled (a miss of a cold prompt costs one system call).
+        """
         entry = self._index.get(key)
         if entry is not None or not learn:
             return entry
         space, hex_key = self._layout.split(key)
+        directory = self._layout.directory(space, hex_key)
+        try:
+            changed = os.lstat(directory).st_mtime_ns
+        except OSError:
+            return None  # no such directory (yet): nothing there
+        if self._settled.get(directory) == changed:
+            return None  # not changed since a listing that found it settled: one lstat per miss
+        listed = time.time_ns()
         scan = self._layout.scan_key(space, hex_key)
+        # File times tick coarsely (a few ms): trust an unchanged time only from a listing made well
+        # after the last change, so a change in the same tick as the listing still shows as new.
+        if listed - changed > SETTLED_NS:
+            self._settled[directory] = changed
+        else:
+            self._settled.pop(directory, None)
         self._counters.add("errors", scan.errors)
         self.remove_bad(scan.bad)
         for found in scan.found:
@@ -230,4 +254,4 @@ def _age(found: Found) -> int:
     return found.mtime_ns
 
 
-__all__ = ["WRITE_PIECE_BYTES", "ChunkFiles"]
+__all__ = ["SETTLED_NS", "WRITE_PIECE_BYTES", "ChunkFiles"]
