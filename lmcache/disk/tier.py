@@ -279,7 +279,8 @@ class DiskTier:
 
         A key not indexed is looked for on disk (a chunk another process wrote: one listing of its
         fan-out directory, or one ``lstat`` when the directory has not changed since it was listed)
-        until the first key found nowhere; the keys after it answer False without a look. A True promises nothing: the file may be evicted or fail its checksum before it is read.
+        until the first key found nowhere; the keys after it answer False without a look. A True
+        promises nothing: the file may be evicted or fail its checksum before it is read.
         """
         if len(keys) != len(shapes):
             raise ConfigError(f"probe got {len(keys)} keys but {len(shapes)} shapes")
