@@ -202,7 +202,9 @@ class Layout:
         path = f"{directory}/{name}"
         if not _PROC_FD and not self.safe(directory):
             raise OSError(errno.ELOOP, "a directory on the way is a symbolic link", directory)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put where a chunk file should be must not block the open (no effect on a
+        # regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         if _PROC_FD:
             try:
                 opened = os.readlink(f"/proc/self/fd/{fd}")

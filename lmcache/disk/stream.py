@@ -96,7 +96,7 @@ class DiskStream:
         self._index = index
         key = self._keys[index]
         host = self._host
-        entry = host.locate(key, learn=True)  # a miss ends the stream: one look on disk at most
+        entry = host.locate(key, learn=True)  # not indexed: looked for on disk (another process's)
         if entry is None:
             host.count("misses")
             return self._end()
