@@ -192,7 +192,7 @@ class Layout:
         """Open a chunk file for reading, never through a symbolic link: the last component is opened
         with ``O_NOFOLLOW``, and the path the kernel opened (``/proc/self/fd``) must be the one the
         layout names (so no directory on the way was a link); where there is no ``/proc``, the
-        directories are checked with ``realpath`` first.
+        directories are checked first (:meth:`safe`).
 
         Raises:
             OSError: as ``os.open``; ``ELOOP`` for a link anywhere on the way; ``ENOENT`` when the file
