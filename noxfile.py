@@ -29,8 +29,12 @@ TRANSFORMERS = "transformers==5.24.0"
 
 
 def _pytest(session: nox.Session, required: str, absent: str = "", also_required: str = "") -> None:
-    """Run pytest with ``required`` frameworks (and ``also_required`` packages) failing when missing."""
-    needed = ",".join(name for name in (required, also_required) if name)
+    """Run pytest with ``required`` frameworks (and ``also_required`` packages) failing when missing.
+
+    xxhash (the ``disk`` extra) is required in every such session: the disk tier's tests are ordinary
+    tests of each install.
+    """
+    needed = ",".join(name for name in (required, also_required, "xxhash") if name)
     env = {"LMCACHE_REQUIRE_BACKENDS": needed, "LMCACHE_ABSENT_FRAMEWORKS": absent}
     session.run("pytest", *session.posargs, env=env)
     # The main job on this install: its self-check must pass (a short run; figures come from `bench`).
@@ -41,8 +45,8 @@ def _pytest(session: nox.Session, required: str, absent: str = "", also_required
 
 @nox.session
 def core(session: nox.Session) -> None:
-    """Tests with numpy only: neither torch nor JAX installed."""
-    session.install(".", *TEST_DEPS)
+    """Tests with numpy only (and xxhash, for the disk tier): neither torch nor JAX installed."""
+    session.install(".[disk]", *TEST_DEPS)
     _pytest(session, "numpy", absent="torch,jax")
 
 
@@ -50,14 +54,14 @@ def core(session: nox.Session) -> None:
 def torch(session: nox.Session) -> None:
     """Tests with torch (CPU build) and without JAX."""
     session.install(*TORCH)
-    session.install(".[torch]", *TEST_DEPS)
+    session.install(".[torch,disk]", *TEST_DEPS)
     _pytest(session, "numpy,torch", absent="jax")
 
 
 @nox.session
 def jax(session: nox.Session) -> None:
     """Tests with JAX (CPU) and without torch: bf16 and fp8 views must work with JAX alone."""
-    session.install(".[jax]", *TEST_DEPS)
+    session.install(".[jax,disk]", *TEST_DEPS)
     _pytest(session, "numpy,jax", absent="torch")
 
 
@@ -65,7 +69,7 @@ def jax(session: nox.Session) -> None:
 def interop(session: nox.Session) -> None:
     """Tests with torch, JAX and transformers installed: every cross-framework view and copy, real models."""
     session.install(*TORCH)
-    session.install(".[all,hf,redis]", TRANSFORMERS, *TEST_DEPS)
+    session.install(".[all,hf,redis,disk]", TRANSFORMERS, *TEST_DEPS)
     _pytest(session, "numpy,torch,jax", also_required="transformers")
     # The GPU tests: here they must import and skip cleanly (no GPU); a lent device runs them.
     session.run("pytest", "tests/gpu", "-o", "addopts=--import-mode=importlib -ra")

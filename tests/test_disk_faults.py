@@ -85,6 +85,9 @@ def _damage(case: str, path: Path, writer: ChunkCache, keys: list[bytes], outsid
     elif case == "a link out of the directory":
         path.unlink()
         path.symlink_to(outside)
+    elif case == "a named pipe":  # opening it for reading would block without O_NONBLOCK
+        path.unlink()
+        os.mkfifo(path)
     else:
         raise AssertionError(case)
 
@@ -99,6 +102,7 @@ CASES = [
     "zero length",
     "a directory",
     "a link out of the directory",
+    "a named pipe",
 ]
 
 

@@ -170,6 +170,34 @@ def test_probe_checks_sizes_and_looks_for_chunks_other_tiers_wrote(tmp_path: Pat
             reader.probe(keys[:2], "float16", [SHAPE])
 
 
+def test_a_miss_in_a_settled_directory_costs_no_listing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    chunk = random_bits(SHAPE, "float16")
+    with tier(tmp_path) as reader, tier(tmp_path) as writer:
+        first, second = (writer.key("m", bytes([7, i]) * 8) for i in range(2))  # one fan-out directory
+        assert writer.write(first, chunk, "float16", SHAPE)
+        fan = file_of(writer, first).parent
+        long_ago = time.time() - 10
+        os.utime(fan, (long_ago, long_ago))
+        listings: list[str] = []
+        real = os.scandir
+
+        def scandir(path: Any) -> Any:
+            listings.append(os.fspath(path))
+            return real(path)
+
+        monkeypatch.setattr(os, "scandir", scandir)
+        assert reader.probe([second], "float16", [SHAPE]) == [False]
+        assert listings == [str(fan)]  # listed once: settled since
+        assert reader.probe([second], "float16", [SHAPE]) == [False]
+        assert read_chunk(reader, second, "float16", SHAPE) is None
+        assert listings == [str(fan)]  # unchanged: one lstat per miss, no listing
+        assert writer.write(second, chunk, "float16", SHAPE)  # the directory changes
+        assert reader.probe([second], "float16", [SHAPE]) == [True]
+        assert len(listings) == 2
+
+
 # -- eviction --------------------------------------------------------------------------------------
 def _on_disk_bytes(root: Path) -> int:
     return sum(p.stat().st_size for p in chunk_files(root))
@@ -532,3 +560,30 @@ def test_disk_tier_state_machine() -> None:
     run_state_machine_as_test(
         DiskModel, settings=settings(max_examples=40, stateful_step_count=25, deadline=None)
     )
+
+
+def test_bench_section_measures_against_plain_file_io(tmp_path: Path) -> None:
+    require_disk()
+    from lmcache.bench import Options
+    from lmcache.bench.disk import SCAN_CHUNKS, bench_disk
+
+    results = bench_disk(["numpy"], Options(repeat=1, progress=None, disk_dir=str(tmp_path)))
+    assert [r.metric for r in results] == [
+        "disk write (256 KiB chunk)",
+        "disk read (256 KiB chunk)",
+        "xxh3_64 over a 256 KiB chunk",
+        "disk write (32 MiB chunk)",
+        "disk read (32 MiB chunk)",
+        "disk write, fsync (32 MiB chunk)",
+        "disk read, device (32 MiB chunk)",
+        "xxh3_64 over a 32 MiB chunk",
+        *(f"disk restart: scan of {n // 4} chunk files" for n in SCAN_CHUNKS),
+    ]  # no TTFT rows: torch is not among the backends
+    for result in results:
+        assert result.baseline is not None
+        if result.ratio is not None and result.metric.startswith("disk "):
+            assert result.ratio == pytest.approx(
+                result.baseline / result.value if result.unit == "ms" else result.value / result.baseline
+            )
+    assert [r.target for r in results[3:7]] == [0.8, 0.8, None, 0.8]
+    assert os.listdir(tmp_path) == []  # its workspace is removed

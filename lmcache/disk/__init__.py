@@ -6,6 +6,8 @@ order: local slots, then disk, then remote. The parts:
 
 - :mod:`lmcache.disk.tier`, :class:`DiskTier`: the tier (the :class:`~lmcache.tiers.base.Tier`
   protocol), its write queue (:mod:`lmcache.tiers.writer`) and counters (:class:`DiskStats`);
+- :mod:`lmcache.disk.store`, :class:`~lmcache.disk.store.ChunkFiles`: the index kept in step with the
+  directory (writes with eviction, files other processes wrote, bad files removed, the restart);
 - :mod:`lmcache.disk.files`: the directory's layout, the atomic write (temporary name, then rename), the
   scan at start, and removal that never leaves the directory;
 - :mod:`lmcache.disk.index`: which chunks are on disk, and LRU eviction among leaves within ``size_gib``;

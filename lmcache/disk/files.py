@@ -15,10 +15,11 @@ A chunk is written to a temporary name in its fan-out directory and renamed over
 complete, so a reader (or a tier built after a crash) sees either the whole chunk or nothing. With
 ``fsync`` the file is fsynced before the rename and the directory after it.
 
-Nothing here follows a symbolic link or touches a path outside the root: before a write or a removal
-the directories are checked with ``realpath`` (each component must be what the layout says); a file is
-opened with ``O_NOFOLLOW`` and the path the kernel opened is read back and compared; a bad file is
-removed with ``unlink`` (which removes a link, never its target).
+Nothing here follows a symbolic link or touches a path outside the root (resolved once, when the tier
+is built): before a write or a removal the root and the directories below it on the way are checked
+with ``lstat`` (each must be a directory, not a link); a file is opened with ``O_NOFOLLOW`` and the path
+the kernel opened is read back and compared; a bad file is removed with ``unlink`` (which removes a
+link, never its target).
 """
 
 from __future__ import annotations
@@ -94,7 +95,9 @@ class Layout:
     """
 
     def __init__(self, root: str) -> None:
+        #: The root, resolved once (``os.path.realpath``); every path here is under it.
         self.root = root
+        self._prefix = root.rstrip("/") + "/"
 
     # -- keys and paths --------------------------------------------------------------------------------
     def split(self, key: bytes) -> tuple[str, str]:
@@ -111,12 +114,29 @@ class Layout:
 
     def directory(self, space: str, hex_key: str) -> str:
         """The fan-out directory of a key."""
-        return os.path.join(self.root, space, hex_key[:2])
+        return f"{self._prefix}{space}/{hex_key[:2]}"
 
     def safe(self, directory: str) -> bool:
-        """Whether ``directory`` (a namespace or fan-out directory of this root) is reached without a
-        symbolic link: then a name in it is inside the root."""
-        return os.path.realpath(directory) == directory
+        """Whether ``directory`` (a fan-out directory of this root, or the namespace directory above
+        one) is reached without a symbolic link, so a name in it is inside the root: the root and each
+        directory below it on the way are directories (``lstat``: not links), or do not exist yet."""
+        if not directory.startswith(self._prefix):
+            return False
+        paths = [self.root]
+        built = self._prefix[:-1]
+        for part in directory[len(self._prefix) :].split("/"):
+            built = f"{built}/{part}"
+            paths.append(built)
+        for path in paths:
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                return True  # made later, by os.makedirs: real directories
+            except OSError:
+                return False
+            if not stat.S_ISDIR(mode):
+                return False
+        return True
 
     # -- writes ----------------------------------------------------------------------------------------
     def write(self, space: str, hex_key: str, name: str, fill: Callable[[int], None], fsync: bool) -> None:
@@ -129,7 +149,7 @@ class Layout:
         directory = self.directory(space, hex_key)
         if not self.safe(directory):
             raise OSError(errno.ELOOP, "a directory on the way is a symbolic link", directory)
-        temp = os.path.join(directory, f".{hex_key}.{os.getpid()}.{next(_numbers)}.tmp")
+        temp = f"{directory}/.{hex_key}.{os.getpid()}.{next(_numbers)}.tmp"
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(temp, flags, 0o644)
@@ -143,7 +163,7 @@ class Layout:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temp, os.path.join(directory, name))
+            os.rename(temp, f"{directory}/{name}")
         except BaseException:
             with contextlib.suppress(OSError):
                 os.unlink(temp)
@@ -172,17 +192,19 @@ class Layout:
         """Open a chunk file for reading, never through a symbolic link: the last component is opened
         with ``O_NOFOLLOW``, and the path the kernel opened (``/proc/self/fd``) must be the one the
         layout names (so no directory on the way was a link); where there is no ``/proc``, the
-        directories are checked with ``realpath`` first.
+        directories are checked first (:meth:`safe`).
 
         Raises:
             OSError: as ``os.open``; ``ELOOP`` for a link anywhere on the way; ``ENOENT`` when the file
                 was removed or replaced right after it was opened.
         """
         directory = self.directory(space, hex_key)
-        path = os.path.join(directory, name)
+        path = f"{directory}/{name}"
         if not _PROC_FD and not self.safe(directory):
             raise OSError(errno.ELOOP, "a directory on the way is a symbolic link", directory)
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        # O_NONBLOCK: a FIFO put where a chunk file should be must not block the open (no effect on a
+        # regular file).
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
         if _PROC_FD:
             try:
                 opened = os.readlink(f"/proc/self/fd/{fd}")
@@ -202,7 +224,7 @@ class Layout:
         directory = self.directory(space, hex_key)
         if not self.safe(directory):
             return False
-        path = os.path.join(directory, name)
+        path = f"{directory}/{name}"
         try:
             info = os.lstat(path)
             if same_as is not None and (info.st_ino, info.st_dev) != (same_as.st_ino, same_as.st_dev):

@@ -23,7 +23,9 @@ from lmcache.tiers.format import HEADER, byte_view, check_digest, check_header, 
 
 logger = logging.getLogger("lmcache.disk")
 
-#: Bytes read (and then hashed) at a time: small enough to be hashed from the CPU's cache.
+#: Bytes read (and then hashed) at a time: small enough to be hashed from the CPU's cache. For 32 MiB
+#: chunks from the page cache, interleaved, best of 15 (2-CPU VM, 2026-12-02): 256 KiB pieces 0.86x of
+#: a plain read; 128 KiB and 512 KiB-1 MiB 0.77-0.79x; 64 KiB and 4 MiB 0.69x.
 PIECE_BYTES = 256 << 10
 
 
@@ -94,7 +96,7 @@ class DiskStream:
         self._index = index
         key = self._keys[index]
         host = self._host
-        entry = host.locate(key, learn=True)  # a miss ends the stream: one look on disk at most
+        entry = host.locate(key, learn=True)  # not indexed: looked for on disk (another process's)
         if entry is None:
             host.count("misses")
             return self._end()

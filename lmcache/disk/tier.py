@@ -1,24 +1,29 @@
-"""The disk tier: :class:`DiskTier`, one file per chunk in a directory that survives restarts."""
+"""The disk tier: :class:`DiskTier`, one file per chunk in a directory that survives restarts.
+
+It puts together the directory's :class:`~lmcache.disk.files.Layout`, the
+:class:`~lmcache.disk.index.DiskIndex`, the :class:`~lmcache.disk.store.ChunkFiles` that keeps the two
+in step (the write queue's sink and the streams' host), the write queue
+(:class:`~lmcache.tiers.writer.WriteQueue`) and the counters.
+"""
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
-import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from lmcache.disk.files import Found, Layout, chunk_name, namespace_dir, write_all
-from lmcache.disk.index import DiskEntry, DiskIndex
-from lmcache.disk.stream import PIECE_BYTES, DiskStream
+from lmcache.disk.files import Layout, namespace_dir
+from lmcache.disk.index import DiskIndex
+from lmcache.disk.store import ChunkFiles
+from lmcache.disk.stream import DiskStream
 from lmcache.errors import ConfigError
 from lmcache.tiers.counters import COUNTERS, Counters
-from lmcache.tiers.format import HEADER, check_shape, finish_header, payload_bytes, start_header, xxh3
+from lmcache.tiers.format import HEADER, check_shape, payload_bytes, xxh3
 from lmcache.tiers.writer import Write, WriteQueue, checked_write
 
 logger = logging.getLogger("lmcache.disk")
@@ -134,13 +139,14 @@ class DiskTier:
         self._batch_bytes = batch_bytes
         self._counters = Counters(DISK_COUNTERS, tier="disk")
         self._index = DiskIndex(int(size_gib * 2**30))
+        self._files = ChunkFiles(self._layout, self._index, self._counters, fsync=fsync)
         try:
             os.makedirs(root, exist_ok=True)
         except OSError as exc:  # read-only or unreachable: the tier runs empty and counts its errors
-            self.failed("create the directory", exc)
-        self._restore()
+            self._files.failed("create the directory", exc)
+        self._files.restore()
         self._queue = WriteQueue(
-            self,
+            self._files,
             self._counters,
             queue_size=queue_size,
             batch_bytes=0,  # one chunk per batch: each is its own file
@@ -191,6 +197,17 @@ class DiskTier:
         """The tier keys indexed now, in no particular order (a snapshot)."""
         return self._index.keys()
 
+    def file_path(self, key: bytes) -> str:
+        """The path of the indexed chunk ``key``'s file (for diagnostics and benchmarks).
+
+        Raises:
+            ConfigError: ``key`` is not indexed (or not a key of this tier).
+        """
+        path = self._files.file_path(key)
+        if path is None:
+            raise ConfigError(f"disk chunk {key!r} is not on disk (not indexed)")
+        return path
+
     # -- keys ------------------------------------------------------------------------------------------
     def key(self, namespace: str, chunk_key: bytes) -> bytes:
         """The tier key of a chunk: its namespace's directory, ``/``, the chunk key in hex."""
@@ -221,7 +238,7 @@ class DiskTier:
                 ``shape`` (nothing is queued).
         """
         write = self._checked(key, payload, dtype, shape, on_done, parent)
-        if self._still_on_disk(key):
+        if self._files.still_on_disk(key):
             self._index.touch(key)
             if on_done is not None:
                 on_done(True)
@@ -233,7 +250,7 @@ class DiskTier:
     ) -> bool:
         """Write one chunk now, from the calling thread (bypassing the queue, always writing); True when
         it was written. A failure is counted and returns False; nothing raises but invalid arguments."""
-        written = self._store(self._checked(key, payload, dtype, shape, None, parent), again=True)
+        written = self._files.store(self._checked(key, payload, dtype, shape, None, parent), again=True)
         if written:
             self._counters.add("writes")
         return written
@@ -256,75 +273,14 @@ class DiskTier:
             raise ConfigError(f"parent {parent!r} is in another namespace than {key!r}")
         return checked_write(key, payload, dtype, shape, on_done, parent)
 
-    def _store(self, write: Write, *, again: bool = False) -> bool:
-        """Write one chunk file (evicting leaves for room first); True when it is on disk."""
-        key, parent = write.key, write.parent
-        if not again and self._still_on_disk(key):
-            return True  # written meanwhile (the same chunk queued twice)
-        space, hex_key = self._layout.split(key)
-        name = chunk_name(hex_key, None if parent is None else self._layout.split(parent)[1])
-        nbytes = HEADER.size + write.payload.nbytes
-        fits, evicted = self._index.make_room(nbytes, protect=parent)
-        self._delete(evicted)
-        if not fits:
-            logger.debug(
-                "disk chunk %s of %d bytes does not fit in size_gib=%s", hex_key, nbytes, self._size_gib
-            )
-            return False
-        try:
-            self._layout.write(space, hex_key, name, _filler(write), self._fsync)
-        except OSError as exc:
-            self._index.release(nbytes)
-            self.failed("write", exc)
-            return False
-        self._index.commit(key, name, nbytes, parent)
-        return True
-
-    def _still_on_disk(self, key: bytes) -> bool:
-        """Whether ``key`` is indexed and its file is still there with its size (one ``lstat``; another
-        process may have evicted or removed it). A file found gone is forgotten."""
-        entry = self._index.get(key)
-        if entry is None:
-            return False
-        space, hex_key = self._layout.split(key)
-        try:
-            info = os.lstat(os.path.join(self._layout.directory(space, hex_key), entry.name))
-        except OSError:
-            self._index.remove(key)
-            return False
-        return stat.S_ISREG(info.st_mode) and info.st_size == entry.nbytes
-
-    def _delete(self, evicted: list[DiskEntry]) -> None:
-        """Remove evicted chunks' files (already forgotten by the index)."""
-        for entry in evicted:
-            space, hex_key = self._layout.split(entry.key)
-            try:
-                self._layout.remove(space, hex_key, entry.name)
-            except OSError as exc:
-                self.failed("evict", exc)
-        if evicted:
-            self._counters.add("evicted", len(evicted))
-
-    # -- what the write queue needs (WriteSink) ---------------------------------------------------------
-    def backoff_left(self) -> float:
-        """0.0: a disk is always worth trying (a failed write costs little and says little)."""
-        return 0.0
-
-    def send(self, batch: list[Write]) -> bool:
-        """Write the queued chunk(s) of ``batch``; True when every one is on disk."""
-        return all([self._store(write) for write in batch])
-
-    def cut_off(self) -> bool:
-        """A file write cannot be cut off: False (``close`` returns anyway; the thread is a daemon)."""
-        return False
-
     # -- reads -----------------------------------------------------------------------------------------
     def probe(self, keys: Sequence[bytes], dtype: str, shapes: Sequence[Sequence[int]]) -> list[bool]:
         """Whether each key's file is indexed with the size of a chunk of its shape; no file is opened.
 
-        A key not indexed is looked for on disk (one listing of its fan-out directory: a chunk another
-        process wrote) until the first key found nowhere; the keys after it answer False without a
-        look. A True promises nothing: the file may be evicted or fail its checksum before it is read.
+        A key not indexed is looked for on disk (a chunk another process wrote: one listing of its
+        fan-out directory, or one ``lstat`` when the directory has not changed since it was listed)
+        until the first key found nowhere; the keys after it answer False without a look. A True
+        promises nothing: the file may be evicted or fail its checksum before it is read.
         """
         if len(keys) != len(shapes):
             raise ConfigError(f"probe got {len(keys)} keys but {len(shapes)} shapes")
@@ -333,7 +289,7 @@ class DiskTier:
         look = True
         for key, size in zip(keys, want, strict=True):
             self._layout.split(key)
-            entry = self.locate(key, learn=look)
+            entry = self._files.locate(key, learn=look)
             found = entry is not None and entry.nbytes == size
             look = look and found
             flags.append(found)
@@ -346,91 +302,7 @@ class DiskTier:
             raise ConfigError(f"stream got {len(keys)} keys but {len(shapes)} shapes")
         for key in keys:
             self._layout.split(key)
-        return DiskStream(self, list(keys), dtype, [check_shape(s) for s in shapes])
-
-    # -- what a DiskStream needs (DiskHost) -------------------------------------------------------------
-    def locate(self, key: bytes, *, learn: bool) -> DiskEntry | None:
-        """The entry of ``key``; with ``learn``, a key not indexed is looked for in its fan-out
-        directory (written by another process since this tier was built) and indexed if found."""
-        entry = self._index.get(key)
-        if entry is not None or not learn:
-            return entry
-        space, hex_key = self._layout.split(key)
-        scan = self._layout.scan_key(space, hex_key)
-        self._counters.add("errors", scan.errors)
-        self._remove_bad(scan.bad)
-        for found in scan.found:
-            entry = self._index.add(found.key, found.name, found.nbytes, found.parent)
-        return entry
-
-    def count(self, name: str) -> None:
-        """Add one to the counter ``name``."""
-        self._counters.add(name)
-
-    def used(self, key: bytes, fd: int) -> None:
-        """Refresh ``key``: in the index, and its file's modification time (the order a restarted tier
-        evicts in); a file this process may not touch keeps its time."""
-        self._index.touch(key)
-        with contextlib.suppress(OSError):
-            os.utime(fd)
-
-    def vanished(self, key: bytes) -> None:
-        """Forget ``key`` (its file is gone): a miss."""
-        self._index.remove(key)
-        self._counters.add("misses")
-
-    def reject(self, key: bytes, entry: DiskEntry, info: os.stat_result | None, reason: str) -> None:
-        """Count, forget and remove a bad file (only if it is still the file that was checked)."""
-        logger.warning("disk chunk file %s rejected: %s", entry.name, reason)
-        self._counters.add("corrupt")
-        self._index.remove(key)
-        space, hex_key = self._layout.split(key)
-        try:
-            self._layout.remove(space, hex_key, entry.name, same_as=info)
-        except OSError as exc:
-            self.failed("remove a bad file", exc)
-
-    def failed(self, operation: str, exc: OSError) -> None:
-        """Count a failed filesystem operation (logged at warning level)."""
-        self._counters.add("errors")
-        logger.warning("disk tier %s failed to %s: %s", self._layout.root, operation, exc)
-
-    # -- start -----------------------------------------------------------------------------------------
-    def _restore(self) -> None:
-        """Index every chunk file in the directory (no payload read), oldest first, orphans coldest;
-        then evict down to ``size_gib`` (it may have been lowered since)."""
-        start = time.perf_counter()
-        scan = self._layout.scan()
-        self._counters.add("errors", scan.errors)
-        self._remove_bad(scan.bad)
-        keys = {found.key for found in scan.found}
-        orphans = [f for f in scan.found if f.parent is not None and f.parent not in keys]
-        rest = [f for f in scan.found if f.parent is None or f.parent in keys]
-        for found in sorted(orphans, key=_age) + sorted(rest, key=_age):
-            self._index.add(found.key, found.name, found.nbytes, found.parent)
-        _, evicted = self._index.make_room(0)
-        self._delete(evicted)
-        logger.info(
-            "disk tier %s: %d chunks (%d bytes) found in %.1f ms; %d stale temporary files removed",
-            self._layout.root,
-            len(self._index),
-            self._index.used,
-            (time.perf_counter() - start) * 1e3,
-            scan.temps_removed,
-        )
-
-    def _remove_bad(self, paths: list[str]) -> None:
-        """Remove paths named like chunk files that are no regular file (links, directories)."""
-        for path in paths:
-            directory, name = os.path.split(path)
-            space = os.path.basename(os.path.dirname(directory))
-            hex_key = name.partition(".")[0]
-            logger.warning("disk chunk path %s rejected: not a regular file", path)
-            self._counters.add("corrupt")
-            try:
-                self._layout.remove(space, hex_key, name)
-            except OSError as exc:
-                self.failed("remove a bad file", exc)
+        return DiskStream(self._files, list(keys), dtype, [check_shape(s) for s in shapes])
 
     # -- lifecycle -------------------------------------------------------------------------------------
     def stats(self) -> DiskStats:
@@ -463,27 +335,6 @@ class DiskTier:
             f"DiskTier({self._layout.root!r}, size_gib={self._size_gib:g}, fsync={self._fsync}, "
             f"{len(self._index)} chunks)"
         )
-
-
-def _filler(write: Write) -> Callable[[int], None]:
-    """What writes ``write``'s file into an open temporary file: the payload piece by piece, each piece
-    hashed right before it is written (still in the CPU's cache for the kernel's copy), then the header
-    with the checksum at offset 0."""
-
-    def fill(fd: int) -> None:
-        blank, hasher = start_header(write.key, write.dtype, write.shape)
-        payload, update = write.payload, hasher.update
-        for start in range(0, payload.nbytes, PIECE_BYTES):
-            piece = payload[start : start + PIECE_BYTES]
-            update(piece)
-            write_all(fd, piece, HEADER.size + start)
-        write_all(fd, finish_header(blank, hasher), 0)
-
-    return fill
-
-
-def _age(found: Found) -> int:
-    return found.mtime_ns
 
 
 __all__ = ["DISK_COUNTERS", "DISK_HINT", "DiskStats", "DiskTier"]
