@@ -41,6 +41,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     run.add_argument("--ops", type=int, default=50_000, help="operations per timing trial")
     run.add_argument("--big-pool-gib", type=float, default=16.0, help="size of the construction test")
     run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
+    run.add_argument(
+        "--trace",
+        default=None,
+        help="Mooncake trace for the shared cache's hit rate (default: the project's)",
+    )
     run.add_argument("--json", action="store_true", help="print JSON instead of a table")
     serve.add_parser(commands, _shape)
     args = parser.parse_args(argv)
@@ -66,6 +71,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         repeat=2 if args.quick else args.repeat,
         ops=2_000 if args.quick else args.ops,
         big_pool_gib=1.0 if args.quick else args.big_pool_gib,
+        trace=args.trace,
     )
     results, failures = bench.run(opts)
     if args.json:

@@ -1,7 +1,8 @@
 """The pool's benchmark and self-check: ``python -m lmcache bench``.
 
 The package holds one module per section (:mod:`~lmcache.bench.pool`, :mod:`~lmcache.bench.cache`,
-:mod:`~lmcache.bench.serving`, :mod:`~lmcache.bench.remote`, :mod:`~lmcache.bench.paged`), what they share
+:mod:`~lmcache.bench.serving`, :mod:`~lmcache.bench.remote`, :mod:`~lmcache.bench.paged`,
+:mod:`~lmcache.bench.shared` with :mod:`~lmcache.bench.trace`), what they share
 (:mod:`~lmcache.bench.common`: results, options, timing and pool helpers) and the driver
 (:mod:`~lmcache.bench.report`: self-check, run, table and JSON). This module re-exports what the command
 line and the tests use. The pool helper is ``lmcache.bench.common.pool``: ``lmcache.bench.pool`` is the

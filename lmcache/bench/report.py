@@ -34,6 +34,7 @@ from lmcache.bench.pool import (
 )
 from lmcache.bench.remote import bench_remote
 from lmcache.bench.serving import bench_serving
+from lmcache.bench.shared import bench_shared
 from lmcache.dtypes import normalize_dtype
 from lmcache.registry import installed_backends
 
@@ -125,6 +126,7 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     steps.append(("serving scenario", partial(bench_serving, backends, opts)))
     steps.append(("remote tier (loopback redis)", partial(bench_remote, opts)))
     steps.append(("paged transfer", partial(bench_paged, backends, opts)))
+    steps.append(("shared cache (lmcache serve)", partial(bench_shared, backends, opts)))
 
     def say(text: str) -> None:
         if opts.progress is not None:
