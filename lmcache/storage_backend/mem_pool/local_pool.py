@@ -99,7 +99,7 @@ class LocalPool(BasePool, ArenaOwner):
         self.chunk_size = self.layout.chunk_size
         #: Bytes per slot (a full chunk rounded up to the slot alignment); ``KVObj.size``.
         self.size_per_chunk = self.layout.slot_bytes
-        #: Number of slots: ``floor(budget / size_per_chunk)``.
+        #: The number of slots, ``floor(budget / size_per_chunk)``.
         self.max_chunk_num = self.init_max_chunk_num(metadata)
         #: The framework of ``KVObj.data`` and ``arena``.
         self.backend = resolve_backend(backend, metadata)
