@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cachetest import CHUNK, cache_pool, prefix_kv
-from kvtest import run_state_machine, to_host, to_native
+from kvtest import run_state_machine, to_host, to_native, wait_until
 from lmcache.chunk_cache import ChunkCache
 from lmcache.shared import CacheServer, connect
 from sharedtest import metadata
@@ -118,6 +118,7 @@ class SharedAgainstLocal(RuleBasedStateMachine):
             assert shared.released or not shared.chunks  # an empty lease holds nothing
             local.release()
         self.leases = []
+        assert wait_until(lambda: self.server.clients == 0)  # the server saw the connection end
         self.client = connect(self.server.socket_path, backend=self.backend, namespace="model")
 
     @invariant()
