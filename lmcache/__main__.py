@@ -46,6 +46,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=None,
         help="Mooncake trace for the shared cache's hit rate (default: the project's)",
     )
+    run.add_argument(
+        "--section",
+        action="append",
+        choices=list(bench.SECTIONS),
+        help="run only this section (repeatable; default: all); the self-check always runs",
+    )
     run.add_argument("--json", action="store_true", help="print JSON instead of a table")
     serve.add_parser(commands, _shape)
     args = parser.parse_args(argv)
@@ -72,6 +78,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         ops=2_000 if args.quick else args.ops,
         big_pool_gib=1.0 if args.quick else args.big_pool_gib,
         trace=args.trace,
+        sections=args.section or (),
     )
     results, failures = bench.run(opts)
     if args.json:

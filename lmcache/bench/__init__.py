@@ -13,11 +13,12 @@ from __future__ import annotations
 
 from lmcache.bench.common import DEFAULT_SHAPE, Options, Result
 from lmcache.bench.pool import BATCH_SHAPE, NaivePool
-from lmcache.bench.report import environment, format_table, run, self_check, to_json
+from lmcache.bench.report import SECTIONS, environment, format_table, run, self_check, to_json
 
 __all__ = [
     "BATCH_SHAPE",
     "DEFAULT_SHAPE",
+    "SECTIONS",
     "NaivePool",
     "Options",
     "Result",

@@ -61,6 +61,8 @@ class Options:
     big_pool_gib: float = 16.0
     #: The Mooncake trace of the shared cache's hit-rate figure (None: the project's copy, if found).
     trace: str | None = None
+    #: The sections to run (empty: all; see ``lmcache.bench.report.SECTIONS``).
+    sections: Sequence[str] = ()
     progress: TextIO | None = sys.stderr
 
 
