@@ -46,6 +46,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--disk-dir", help="where the disk tier's section writes (default: a temporary directory)"
     )
     run.add_argument("--quick", action="store_true", help="fewer operations and trials (a smoke run)")
+    run.add_argument(
+        "--trace",
+        default=None,
+        help="Mooncake trace for the shared cache's hit rate (default: the project's)",
+    )
+    run.add_argument(
+        "--section",
+        action="append",
+        choices=list(bench.SECTIONS),
+        help="run only this section (repeatable; default: all); the self-check always runs",
+    )
     run.add_argument("--json", action="store_true", help="print JSON instead of the summary")
     run.add_argument("--full", action="store_true", help="print the full table, not only the summary")
     run.add_argument(
@@ -96,6 +107,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         loaded=args.loaded,
         load_procs=args.load_procs,
         disk_dir=args.disk_dir,
+        trace=args.trace,
+        sections=args.section or (),
     )
     results, failures = bench.run(opts)
     paths = bench.write_report(results, failures, args.out)

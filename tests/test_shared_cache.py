@@ -200,7 +200,7 @@ def test_begin_store_commit_and_abort(client: SharedChunkCache, server: CacheSer
     out, n = client.retrieve(TOKENS)
     assert n == 2 * CHUNK
     assert same_bits(out, kv[:, :, :n])
-    assert client.begin_store(keys[:2], 2 * CHUNK).commit() == 2 * CHUNK  # all cached: one round trip
+    assert client.begin_store(keys[:2], 2 * CHUNK).commit() == 2 * CHUNK  # all cached: nothing to fill
 
 
 def test_eviction_and_pins_are_the_servers(client: SharedChunkCache, server: CacheServer) -> None:

@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from cachetest import CHUNK, cache_pool, prefix_kv
-from kvtest import run_state_machine, to_host, to_native
+from kvtest import run_state_machine, to_host, to_native, wait_until
 from lmcache.chunk_cache import ChunkCache
 from lmcache.shared import CacheServer, connect
 from sharedtest import metadata
@@ -45,9 +45,11 @@ class SharedAgainstLocal(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         self.directory = tempfile.TemporaryDirectory(prefix="lmc-")
-        self.server = CacheServer(f"{self.directory.name}/s.sock", metadata(SLOTS)).start()
+        # LRU on both sides: its choices follow from the uses alone, which the two see alike (the adaptive
+        # default also learns from how uses are grouped into calls, which differ between the two paths)
+        self.server = CacheServer(f"{self.directory.name}/s.sock", metadata(SLOTS), policy="lru").start()
         self.client = connect(self.server.socket_path, backend=self.backend, namespace="model")
-        self.model = ChunkCache(cache_pool("numpy", slots=SLOTS), namespace="model")
+        self.model = ChunkCache(cache_pool("numpy", slots=SLOTS), namespace="model", policy="lru")
         self.leases: list[tuple[Any, Any, list[int]]] = []  # (shared lease, model lease, tokens)
 
     def _kv(self, tokens: list[int]) -> Any:
@@ -118,6 +120,7 @@ class SharedAgainstLocal(RuleBasedStateMachine):
             assert shared.released or not shared.chunks  # an empty lease holds nothing
             local.release()
         self.leases = []
+        assert wait_until(lambda: self.server.clients == 0)  # the server saw the connection end
         self.client = connect(self.server.socket_path, backend=self.backend, namespace="model")
 
     @invariant()

@@ -16,17 +16,14 @@ import gc
 import time
 from collections.abc import Callable, Sequence
 from hashlib import blake2b
-from typing import Any
 
 import numpy as np
 
 from lmcache.bench import common
 from lmcache.bench.common import Options, Result
 from lmcache.chunk_cache import KEY_BYTES, ChunkCache
-from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import BenchmarkError
 from lmcache.hostmem import allocate_host
-from lmcache.layout import SlotLayout
 
 #: Chunks of 256 tokens, 4 KiB per token in bf16 (1 MiB per chunk): a 16k-token prompt is 64 MiB.
 CACHE_SHAPE = (4, 2, 256, 4, 64)
@@ -40,26 +37,6 @@ EVICT_PROMPT_CHUNKS = 16
 EVICT_PROMPTS = 32  # per trial: 512 chunks stored (and, in a full cache, 512 evicted)
 
 
-def _slots_pool(backend: str, shape: tuple[int, ...], dtype: str, slots: int) -> Any:
-    """A CPU pool of exactly ``slots`` slots."""
-    meta = LMCacheMemPoolMetadata(shape, dtype, 1.0)  # type: ignore[arg-type]
-    slot_bytes = SlotLayout.from_metadata(meta).slot_bytes
-    return common.pool(backend, shape, dtype, slots * slot_bytes / 2**30)
-
-
-def _aligned_copy(array: np.ndarray) -> np.ndarray:
-    """A copy of ``array`` at a 4096-byte aligned address.
-
-    numpy puts large arrays at 16 bytes past a page; copying an aligned slot into such an array runs
-    at a third of the speed here (measured: 46 ms against 13 ms for 64 MiB of chunk slices), which
-    would measure numpy's alignment luck instead of the cache. torch and JAX allocate aligned memory.
-    """
-    raw = allocate_host(array.nbytes)
-    copy = raw.view(array.dtype).reshape(array.shape)
-    np.copyto(copy, array)
-    return copy
-
-
 def bench_cache_copy(backend: str, opts: Options) -> list[Result]:
     """store + retrieve of a 16k-token prompt (4k with ``--quick``), against numpy.copyto of the same
     chunk slices between memory of the same kinds."""
@@ -67,12 +44,12 @@ def bench_cache_copy(backend: str, opts: Options) -> list[Result]:
     prompt_tokens = PROMPT_TOKENS if opts.repeat > 2 else PROMPT_TOKENS // 4  # --quick: a 4k prompt
     shape = (L, kv_planes, prompt_tokens, H, D)
     chunks = prompt_tokens // chunk
-    pool = _slots_pool(backend, CACHE_SHAPE, opts.dtype, chunks)
+    pool = common.slots_pool(backend, CACHE_SHAPE, opts.dtype, chunks)
     cache = ChunkCache(pool)
     tokens = np.arange(prompt_tokens, dtype=np.int64)
-    kv_host = _aligned_copy(common.filled("numpy", shape, opts.dtype))
+    kv_host = common.aligned_copy(common.filled("numpy", shape, opts.dtype))
     kv = kv_host if backend == "numpy" else common.filled(backend, shape, opts.dtype)
-    out_host = _aligned_copy(kv_host)
+    out_host = common.aligned_copy(kv_host)
     # JAX arrays are immutable: a JAX cache retrieves into host memory.
     out = common.filled("torch", shape, opts.dtype) if backend == "torch" else out_host
     # The baseline: the same bytes into slot-sized buffers of the pool's kind of memory (page-aligned
@@ -132,7 +109,7 @@ def bench_cache_copy(backend: str, opts: Options) -> list[Result]:
 def bench_cache_lookup(opts: Options) -> list[Result]:
     """lookup of a 128-chunk prompt given as a list, against asarray + chained blake2b per chunk."""
     chunk = LOOKUP_SHAPE[2]
-    pool = _slots_pool("numpy", LOOKUP_SHAPE, opts.dtype, LOOKUP_CHUNKS)
+    pool = common.slots_pool("numpy", LOOKUP_SHAPE, opts.dtype, LOOKUP_CHUNKS)
     cache = ChunkCache(pool)
     rng = np.random.default_rng(0)
     tokens = [int(t) for t in rng.integers(0, 128_000, size=LOOKUP_CHUNKS * chunk)]
@@ -179,7 +156,7 @@ def bench_cache_lookup(opts: Options) -> list[Result]:
 
 def _filled_cache(slots: int, dtype: str) -> tuple[ChunkCache, list[int]]:
     """A cache whose pool of ``slots`` slots is full, and the next unused token id."""
-    cache = ChunkCache(_slots_pool("numpy", EVICT_SHAPE, dtype, slots))
+    cache = ChunkCache(common.slots_pool("numpy", EVICT_SHAPE, dtype, slots))
     chunk = EVICT_SHAPE[2]
     per_store = 256 * chunk
     kv = common.filled("numpy", (*EVICT_SHAPE[:2], per_store, *EVICT_SHAPE[3:]), dtype)

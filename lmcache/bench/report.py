@@ -35,8 +35,13 @@ from lmcache.bench.pool import (
 )
 from lmcache.bench.remote import bench_remote
 from lmcache.bench.serving import bench_serving
+from lmcache.bench.shared import bench_shared
 from lmcache.dtypes import normalize_dtype
+from lmcache.errors import ConfigError
 from lmcache.registry import installed_backends
+
+#: The sections of the benchmark, in the order they run (``--section`` picks some).
+SECTIONS = ("pool", "cache", "serving", "remote", "disk", "paged", "shared")
 
 
 # -- self-check --------------------------------------------------------------------------------------
@@ -111,22 +116,27 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     """Run the self-check and every benchmark; return the results and the self-check failures."""
     backends = list(opts.backends) or installed_backends()
     normalize_dtype(opts.dtype)
-    steps: list[tuple[str, Callable[[], list[Result]]]] = []
+    steps: list[tuple[str, str, Callable[[], list[Result]]]] = []  # (section, label, step)
     for backend in backends:
-        steps.append((f"{backend}: allocate/free", partial(bench_alloc_free, backend, opts)))
-    steps.append(("backend parity and first view", partial(bench_backend_parity, backends, opts)))
+        steps.append(("pool", f"{backend}: allocate/free", partial(bench_alloc_free, backend, opts)))
+    steps.append(("pool", "backend parity and first view", partial(bench_backend_parity, backends, opts)))
     for backend in backends:
-        steps.append((f"{backend}: batches", partial(bench_batch, backend, opts)))
-        steps.append((f"{backend}: copy bandwidth", partial(bench_copy, backend, opts)))
-    steps.append(("pool-size scaling", partial(bench_scaling, opts)))
+        steps.append(("pool", f"{backend}: batches", partial(bench_batch, backend, opts)))
+        steps.append(("pool", f"{backend}: copy bandwidth", partial(bench_copy, backend, opts)))
+    steps.append(("pool", "pool-size scaling", partial(bench_scaling, opts)))
     for backend in backends:
-        steps.append((f"{backend}: construction", partial(bench_construction, backend, opts)))
-    steps.append(("cross-framework views", partial(bench_views, backends, opts)))
-    steps.append(("chunk cache", partial(bench_chunk_cache, backends, opts)))
-    steps.append(("serving scenario", partial(bench_serving, backends, opts)))
-    steps.append(("remote tier (loopback redis)", partial(bench_remote, opts)))
-    steps.append(("disk tier", partial(bench_disk, backends, opts)))
-    steps.append(("paged transfer", partial(bench_paged, backends, opts)))
+        steps.append(("pool", f"{backend}: construction", partial(bench_construction, backend, opts)))
+    steps.append(("pool", "cross-framework views", partial(bench_views, backends, opts)))
+    steps.append(("cache", "chunk cache", partial(bench_chunk_cache, backends, opts)))
+    steps.append(("serving", "serving scenario", partial(bench_serving, backends, opts)))
+    steps.append(("remote", "remote tier (loopback redis)", partial(bench_remote, opts)))
+    steps.append(("disk", "disk tier", partial(bench_disk, backends, opts)))
+    steps.append(("paged", "paged transfer", partial(bench_paged, backends, opts)))
+    steps.append(("shared", "shared cache (lmcache serve)", partial(bench_shared, backends, opts)))
+    unknown = set(opts.sections) - set(SECTIONS)
+    if unknown:
+        raise ConfigError(f"unknown bench sections {sorted(unknown)}; use some of {', '.join(SECTIONS)}")
+    steps = [step for step in steps if not opts.sections or step[0] in opts.sections]
 
     def say(text: str) -> None:
         if opts.progress is not None:
@@ -137,7 +147,7 @@ def run(opts: Options) -> tuple[list[Result], list[str]]:
     say("self-check: " + ("PASS" if not failures else f"FAIL ({len(failures)})"))
     results: list[Result] = []
     headline_steps = []
-    for index, (label, step) in enumerate(steps, 1):
+    for index, (_, label, step) in enumerate(steps, 1):
         say(f"[{index}/{len(steps)}] {label} ...")
         rows = step()
         load = _load()
@@ -305,6 +315,7 @@ def to_json(results: Sequence[Result], failures: Sequence[str]) -> str:
 
 
 __all__ = [
+    "SECTIONS",
     "environment",
     "format_table",
     "load_note",

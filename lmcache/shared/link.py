@@ -32,7 +32,7 @@ from lmcache.shared.slots import MappedSlots
 
 #: Requests whose replies a link waits to undo; past this many the server counts as unresponsive.
 MAX_ABANDONED = 64
-_UNDO_OPS = {Op.BEGIN_STORE: Op.ABORT, Op.LEASE: Op.RELEASE, Op.PIN: Op.RELEASE}
+_UNDO_OPS = {Op.BEGIN_STORE: Op.ABORT, Op.STORE: Op.ABORT, Op.LEASE: Op.RELEASE, Op.PIN: Op.RELEASE}
 
 
 class Link:

@@ -14,6 +14,8 @@ request                   body                                 reply
 ========================  ===================================  ======================================
 ``LOOKUP``                tokens ``Q``, keys                   ``COUNT`` (tokens hit)
 ``BEGIN_STORE``           tokens ``Q``, keys                   ``RESERVED`` (id, cached, slots)
+``STORE``                 tokens ``Q``, keys                   ``RESERVED``, or ``COUNT`` (tokens
+                                                               cached) when there is nothing to fill
 ``COMMIT``                reservation id ``I``, count ``I``    ``COUNT`` (tokens cached after)
 ``LEASE``                 tokens ``Q``, keys                   ``PINNED`` (id, (slot, tokens)...)
 ``PIN``                   tokens ``Q``, limit ``Q``, keys      ``PINNED``, or ``TOO_LONG`` (tokens)
@@ -73,6 +75,7 @@ class Op(enum.IntEnum):
     STATS = 7
     CLEAR = 8
     ABORT = 9
+    STORE = 10
 
 
 class Reply(enum.IntEnum):
@@ -105,7 +108,7 @@ def frame(seq: int, op: int, body: bytes = b"") -> bytes:
 
 # -- requests ------------------------------------------------------------------------------------------
 def prompt_body(num_tokens: int, keys: Sequence[bytes], limit: int | None = None) -> bytes:
-    """The body of LOOKUP, BEGIN_STORE and LEASE (``limit`` None), or of PIN (``limit``: tokens an
+    """The body of LOOKUP, BEGIN_STORE, STORE and LEASE (``limit`` None), or of PIN (``limit``: tokens an
     ``out`` can take; :data:`NO_LIMIT` for none)."""
     head = _U64.pack(num_tokens) if limit is None else _U64_PAIR.pack(num_tokens, limit)
     return head + b"".join(keys)

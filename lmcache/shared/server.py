@@ -69,7 +69,7 @@ class CacheServer:
         >>> path = os.path.join(tempfile.mkdtemp(), "cache.sock")
         >>> with CacheServer(path, LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "float16", 0.01)) as server:
         ...     server.cache.pool.max_chunk_num, oct(os.stat(path).st_mode & 0o777)
-        (4096, '0o600')
+        (5242, '0o600')
     """
 
     def __init__(

@@ -74,8 +74,8 @@ class Session:
         if op == Op.LOOKUP:
             num_tokens, keys, _ = protocol.parse_prompt(body, self._chunk_size, with_limit=False)
             return Reply.COUNT, protocol.count_body(self._cache.lookup_keys(keys, num_tokens))
-        if op == Op.BEGIN_STORE:
-            return self._begin_store(body)
+        if op in (Op.BEGIN_STORE, Op.STORE):
+            return self._begin_store(body, commit_at_once=op == Op.STORE)
         if op == Op.COMMIT:
             return self._commit(body)
         if op in (Op.LEASE, Op.PIN):
@@ -117,13 +117,15 @@ class Session:
                 logger.debug("could not give back %r: %s", item, exc)
 
     # -- requests ----------------------------------------------------------------------------------------
-    def _begin_store(self, body: bytes) -> Answer:
+    def _begin_store(self, body: bytes, *, commit_at_once: bool) -> Answer:
+        """BEGIN_STORE, or STORE: a store that is committed here when it has nothing to fill (all
+        cached, or no slot to be had), saving the client a round trip."""
         num_tokens, keys, _ = protocol.parse_prompt(body, self._chunk_size, with_limit=False)
         if len(self._reservations) >= self._max_reservations:
             return self._refuse(f"{self._max_reservations} stores are open on this connection already")
         pending = self._cache.begin_store(keys, num_tokens)
         slots = [obj.chunk_idx for obj in pending.slots]
-        if not slots:  # every chunk cached (or no slot to be had): done in this round trip
+        if commit_at_once and not slots:
             return Reply.COUNT, protocol.count_body(_tokens(pending.commit()))
         ident = next(self._ids)
         self._reservations[ident] = pending

@@ -2,6 +2,9 @@
 # Every GPU check and benchmark in one run, for a lent device (see ../shared/DEVICE.md).
 # Installs nothing: it runs from the source tree with the machine's python3 (torch, JAX, pytest).
 # Results go to $OUT (the device tool's folder) or to the folder given as $1.
+# tests/gpu/test_gpu_shared.py (the shared cache: a torch client's mapping pinned at exact size, device
+# tensors through it, JAX device_put of leased chunks) runs with the other GPU tests below, and
+# bench_gpu.py times host-to-device copies of a shared-cache lease against torch's pinned copy.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 out="${OUT:-${1:-gpu-results}}"
