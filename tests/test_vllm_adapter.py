@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import inspect
 from typing import Any
@@ -190,7 +191,7 @@ def test_evict_is_atomic_and_skips_protected(vllm: Any, class_name: str) -> None
     assert policy.get(keys[3]) is None
 
 
-def _spec(vllm: Any, cpu_bytes: int, block_bytes: int, **extra: Any) -> Any:
+def _spec(vllm: Any, cpu_bytes: int, block_bytes: int, *, events: bool = False, **extra: Any) -> Any:
     from vllm.v1.kv_offload.factory import OffloadingSpecFactory
 
     offload_config = importlib.import_module("vllm_upstream.offload_config")
@@ -200,7 +201,7 @@ def _spec(vllm: Any, cpu_bytes: int, block_bytes: int, **extra: Any) -> Any:
         worker_kv_bytes_per_block=block_bytes,
         extra_config={"spec_module_path": "lmcache_vllm.spec", **extra},
     )
-    return OffloadingSpecFactory.create_spec(config)
+    return OffloadingSpecFactory.create_spec(dataclasses.replace(config, enable_kv_cache_events=events))
 
 
 def test_factory_loads_spec_by_module_path(vllm: Any) -> None:
@@ -230,13 +231,13 @@ def test_manager_round_trips_bytes_and_evicts(vllm: Any) -> None:
 
     from lmcache.errors import CacheInvariantError
 
-    manager = _spec(vllm, 4 * 256, 64, eviction_policy="lru").get_manager()
+    manager = _spec(vllm, 4 * 256, 64, events=True, eviction_policy="lru").get_manager()
     ctx = ReqContext(req_id="r")
     keys = [make_offload_key(f"block-{i}".encode(), 0) for i in range(6)]
     rng = np.random.default_rng(0)
     payload = {key: rng.integers(0, 256, size=(1, 1, 1, 1, 64), dtype=np.uint8) for key in keys}
 
-    def store(batch: list[Any]) -> None:
+    def store(batch: list[Any]) -> list[Any]:
         out = manager.prepare_store(batch, ctx)
         assert out is not None
         assert out.keys_to_store == batch
@@ -246,16 +247,20 @@ def test_manager_round_trips_bytes_and_evicts(vllm: Any) -> None:
             obj.copy_from(payload[key])
         assert len(set(out.store_spec.chunk_ids.tolist())) == len(batch)
         manager.complete_store(batch, ctx)
+        return list(out.evicted_keys)
 
     assert manager.lookup(keys[0], ctx) is LookupResult.MISS
-    store(keys[:4])
+    assert store(keys[:4]) == []
     assert [manager.lookup(key, ctx) for key in keys[:4]] == [LookupResult.HIT] * 4
     load = manager.prepare_load(keys[:2], ctx)
     for key, obj in zip(keys[:2], load.objs, strict=True):
         assert np.array_equal(obj.as_numpy(), payload[key])
     # Full: keys[0] and keys[1] are being loaded, so the two new chunks take keys[2] and keys[3]'s slots.
-    store(keys[4:6])
+    assert store(keys[4:6]) == keys[2:4]  # the least recently used idle chunks, reported to vLLM
     manager.complete_load(keys[:2], ctx)
+    events = [(sorted(event.keys), event.removed) for event in manager.take_events()]
+    assert events == [(sorted(keys[:4]), False), (sorted(keys[2:4]), True), (sorted(keys[4:6]), False)]
+    assert list(manager.take_events()) == []
     hits = [manager.lookup(key, ctx) for key in keys]
     assert hits == [LookupResult.HIT] * 2 + [LookupResult.MISS] * 2 + [LookupResult.HIT] * 2
     for key in [keys[0], keys[1], keys[4], keys[5]]:
@@ -293,3 +298,104 @@ def test_manager_refuses_a_store_with_no_room_and_keeps_nothing(vllm: Any) -> No
     assert out.keys_to_store == []
     assert [manager.lookup(key, ctx) for key in keys[2:]] == [LookupResult.HIT] * 2
     manager.shutdown()
+
+
+def test_policy_state_machine(vllm: Any) -> None:
+    """Any sequence of vLLM manager calls: evict returns exactly n idle, unprotected chunks or None with
+    nothing changed, and the policy's chunks are always the cached ones."""
+    from hypothesis import settings
+    from hypothesis import strategies as st
+    from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
+    from vllm.v1.kv_offload.base import ReqContext, make_offload_key
+    from vllm.v1.kv_offload.cpu.policies.base import ChunkStatus
+
+    policy_module = importlib.import_module("lmcache_vllm.policy")
+    ctx = ReqContext(req_id="r")
+    keys = [make_offload_key(bytes([i]), 0) for i in range(12)]
+    key_st = st.sampled_from(keys)
+
+    class PolicyMachine(RuleBasedStateMachine):
+        def __init__(self) -> None:
+            super().__init__()
+            self.refs: dict[Any, int] = {}  # the model: key -> ref_cnt (-1 while being stored)
+
+        @initialize(class_name=st.sampled_from(CLASSES))
+        def build(self, class_name: str) -> None:
+            self.policy = getattr(policy_module, class_name)(cache_capacity=8)
+
+        @precondition(lambda self: len(self.refs) < 8)
+        @rule(key=key_st, ready=st.booleans())
+        def insert(self, key: Any, ready: bool) -> None:
+            if key in self.refs:
+                return
+            chunk = ChunkStatus(len(self.refs))
+            if ready:
+                chunk.ref_cnt = 0
+            self.policy.insert(key, chunk, ctx)
+            self.refs[key] = chunk.ref_cnt
+
+        @rule(key=key_st, success=st.booleans())
+        def complete_store(self, key: Any, success: bool) -> None:
+            if self.refs.get(key) != -1:
+                return
+            if success:
+                self.policy.get(key).ref_cnt = 0
+                self.policy.mark_evictable(key)
+                self.refs[key] = 0
+            else:
+                self.policy.remove(key)
+                del self.refs[key]
+
+        @rule(key=key_st)
+        def pin(self, key: Any) -> None:
+            if self.refs.get(key, -1) < 0:
+                return
+            if self.refs[key] == 0:
+                self.policy.mark_non_evictable(key)
+            self.refs[key] += 1
+            self.policy.get(key).ref_cnt += 1
+
+        @rule(key=key_st)
+        def unpin(self, key: Any) -> None:
+            if self.refs.get(key, 0) <= 0:
+                return
+            self.refs[key] -= 1
+            self.policy.get(key).ref_cnt -= 1
+            if self.refs[key] == 0:
+                self.policy.mark_evictable(key)
+
+        @rule(touched=st.lists(key_st, max_size=4))
+        def touch(self, touched: list[Any]) -> None:
+            self.policy.touch(touched, ctx)
+
+        @rule(n=st.integers(0, 5), protected=st.sets(key_st, max_size=4))
+        def evict(self, n: int, protected: set[Any]) -> None:
+            idle = {key for key, ref in self.refs.items() if ref == 0 and key not in protected}
+            before = dict(self.refs)
+            result = self.policy.evict(n, protected)
+            if len(idle) < n:
+                assert result is None
+                assert set(self.policy.chunks) == set(before)
+                return
+            assert result is not None
+            victims = [key for key, _ in result]
+            assert len(victims) == n == len(set(victims))
+            assert set(victims) <= idle
+            for key, chunk in result:
+                assert chunk.ref_cnt == 0
+                del self.refs[key]
+
+        @rule()
+        def clear(self) -> None:
+            self.policy.clear()
+            self.refs.clear()
+
+        @invariant()
+        def same_chunks(self) -> None:
+            if hasattr(self, "policy"):
+                assert set(self.policy.chunks) == set(self.refs)
+                for key, ref in self.refs.items():
+                    assert self.policy.get(key).ref_cnt == ref
+
+    PolicyMachine.TestCase.settings = settings(max_examples=150, stateful_step_count=40, deadline=None)
+    PolicyMachine.TestCase().runTest()

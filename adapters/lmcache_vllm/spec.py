@@ -28,13 +28,15 @@ This module imports vllm; nothing else in the project imports it.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from hashlib import blake2b
 from typing import Any
 
 from vllm.v1.kv_offload.base import (
     CanonicalKVCaches,
     LookupResult,
+    Medium,
+    OffloadingEvent,
     OffloadingManager,
     OffloadingSpec,
     OffloadingWorker,
@@ -52,6 +54,8 @@ from lmcache.chunk_cache import ChunkCache, PendingStore
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import CacheInvariantError, ConfigError
 from lmcache.hostmem import GIB
+from lmcache.policies import EvictionPolicy, make_policy
+from lmcache.policies.base import Key
 from lmcache.storage_backend.mem_pool import LocalCPUPool
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 
@@ -69,16 +73,67 @@ class LmcacheLoadStoreSpec(CPULoadStoreSpec):
         self.objs: list[KVObj] = list(objs)
 
 
+class EvictionRecorder:
+    """An :class:`~lmcache.policies.base.EvictionPolicy` that runs another and remembers the keys it
+    evicted until :meth:`drain`, so the manager can tell vLLM which chunks left (``evicted_keys``)."""
+
+    def __init__(self, policy: EvictionPolicy) -> None:
+        self._policy = policy
+        self.name = policy.name
+        self._evicted: list[Key] = []
+
+    def drain(self) -> list[Key]:
+        """The keys evicted since the last call, oldest first."""
+        evicted, self._evicted = self._evicted, []
+        return evicted
+
+    def insert(self, key: Key, parent: Key | None) -> None:
+        self._policy.insert(key, parent)
+
+    def touch(self, key: Key) -> None:
+        self._policy.touch(key)
+
+    def hold(self, key: Key) -> None:
+        self._policy.hold(key)
+
+    def release(self, key: Key) -> None:
+        self._policy.release(key)
+
+    def victim(self) -> Key | None:
+        return self._policy.victim()
+
+    def evict(self, key: Key) -> None:
+        self._policy.evict(key)
+        self._evicted.append(key)
+
+    def discard(self, key: Key) -> None:
+        self._policy.discard(key)
+
+
 class LmcacheOffloadingManager(OffloadingManager):
     """vLLM's scheduler-side offloading manager over a :class:`~lmcache.chunk_cache.ChunkCache`.
 
     Each offload key is one chunk of ``cache.pool.chunk_size`` tokens (one vLLM offload chunk). The
-    manager owns its cache and, with ``own_pool``, the cache's pool (closed by :meth:`shutdown`).
+    manager owns its cache and, with ``own_pool``, the cache's pool (closed by :meth:`shutdown`). The
+    cache's policy must be an :class:`EvictionRecorder` (so evictions are reported); with
+    ``enable_events`` the manager keeps vLLM's KV events (stores and removals) for :meth:`take_events`.
+
+    Raises:
+        ConfigError: the cache's policy is not an :class:`EvictionRecorder`.
     """
 
-    def __init__(self, cache: ChunkCache, *, own_pool: bool = False) -> None:
+    def __init__(self, cache: ChunkCache, *, own_pool: bool = False, enable_events: bool = False) -> None:
+        recorder = cache.policy
+        if not isinstance(recorder, EvictionRecorder):
+            raise ConfigError(
+                "LmcacheOffloadingManager needs a cache built with policy=EvictionRecorder(policy), got a "
+                f"{type(recorder).__name__}: it reports evicted chunks to vLLM"
+            )
         self.cache = cache
+        self._recorder = recorder
         self._own_pool = own_pool
+        self._events: list[OffloadingEvent] | None = [] if enable_events else None
+        self._resident: dict[bytes, OffloadKey] = {}  # committed chunks' cache keys -> offload keys
         self._root = root_key(cache.namespace)
         self._tokens = cache.pool.chunk_size
         self._pending: dict[OffloadKey, PendingStore] = {}
@@ -151,6 +206,7 @@ class LmcacheOffloadingManager(OffloadingManager):
                     pending.abort()
                     for _, made_store in made:
                         made_store.abort()
+                    self._evicted()  # chunks dropped while trying are gone all the same
                     return None
                 made.append((key, pending))
         except BaseException:
@@ -162,23 +218,46 @@ class LmcacheOffloadingManager(OffloadingManager):
                 lease.release()
         for key, pending in made:
             self._pending[key] = pending
+        evicted = self._evicted()
         return PrepareStoreOutput(
             keys_to_store=[key for key, _ in made],
             store_spec=LmcacheLoadStoreSpec([pending.slots[0] for _, pending in made]),
-            evicted_keys=[],
+            evicted_keys=evicted,
         )
+
+    def _evicted(self) -> list[OffloadKey]:
+        """The offload keys of the chunks the cache evicted since the last call (announced as events)."""
+        evicted = []
+        for chunk_key in self._recorder.drain():
+            key = self._resident.pop(chunk_key, None) if isinstance(chunk_key, bytes) else None
+            if key is not None:
+                evicted.append(key)
+        if evicted and self._events is not None:
+            self._events.append(OffloadingEvent(keys=evicted, medium=Medium.CPU, removed=True))
+        return evicted
 
     def complete_store(
         self, keys: Collection[OffloadKey], req_context: ReqContext, success: bool = True
     ) -> None:
+        stored = []
         for key in keys:
             pending = self._pending.pop(key, None)
             if pending is None:  # already cached, or refused: vLLM completes the whole offer
                 continue
             if success:
                 pending.commit()
+                self._resident[self.chunk_key(key)] = key
+                stored.append(key)
             else:
                 pending.abort()
+        if stored and self._events is not None:
+            self._events.append(OffloadingEvent(keys=stored, medium=Medium.CPU, removed=False))
+
+    def take_events(self) -> Iterable[OffloadingEvent]:
+        if not self._events:
+            return ()
+        events, self._events = self._events, []
+        return events
 
     def on_new_request(self, req_context: ReqContext) -> RequestOffloadingContext:
         return RequestOffloadingContext()
@@ -188,6 +267,8 @@ class LmcacheOffloadingManager(OffloadingManager):
 
     def reset_cache(self) -> None:
         self.cache.clear()
+        self._resident = {key: value for key, value in self._resident.items() if key in self.cache}
+        self._recorder.drain()
 
     def shutdown(self) -> None:
         for pending in self._pending.values():
@@ -242,11 +323,14 @@ class LmcacheOffloadingSpec(OffloadingSpec):
             )
             pool = LocalCPUPool(meta, backend="numpy")
             try:
-                cache = ChunkCache(pool, namespace=self.namespace, policy=self.eviction_policy)
+                policy = EvictionRecorder(make_policy(self.eviction_policy, pool.max_chunk_num))
+                cache = ChunkCache(pool, namespace=self.namespace, policy=policy)
             except BaseException:
                 pool.close()
                 raise
-            self._manager = LmcacheOffloadingManager(cache, own_pool=True)
+            self._manager = LmcacheOffloadingManager(
+                cache, own_pool=True, enable_events=self.kv_events_config.enable_kv_cache_events
+            )
         return self._manager
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
@@ -266,4 +350,10 @@ def spec_config(cpu_bytes_to_use: int, **extra: Any) -> dict[str, Any]:
     }
 
 
-__all__ = ["LmcacheLoadStoreSpec", "LmcacheOffloadingManager", "LmcacheOffloadingSpec", "spec_config"]
+__all__ = [
+    "EvictionRecorder",
+    "LmcacheLoadStoreSpec",
+    "LmcacheOffloadingManager",
+    "LmcacheOffloadingSpec",
+    "spec_config",
+]
