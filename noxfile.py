@@ -102,6 +102,64 @@ def policies(session: nox.Session) -> None:
     session.run("pytest", "tests/test_replay.py", *session.posargs, env={"LMCACHE_REPLAY_FULL": "1"})
 
 
+# vLLM's kv_offload code runs on the CPU torch; its wheel's other requirements are a CUDA stack (kernels,
+# codecs, the torch it was built against) that kv_offload never imports and that cannot install next to
+# the CPU torch. The vllm session installs vLLM with --no-deps, then every requirement but these.
+VLLM = "vllm==0.33.0"
+VLLM_CUDA_STACK = {
+    "torch",
+    "torchaudio",
+    "torchvision",
+    "torchcodec",
+    "pynvvideocodec",
+    "flashinfer-python",
+    "apache-tvm-ffi",
+    "tilelang",
+    "nvtx",
+    "fastsafetensors",
+    "instanttensor",
+    "quack-kernels",
+    "tokenspeed-mla",
+    "humming-kernels",
+}
+
+
+@nox.session(default=False)
+def vllm(session: nox.Session) -> None:
+    """The vLLM adapter (lmcache_vllm) against vLLM 0.33.0 on the CPU torch: vLLM's own manager tests
+    with our policies, its factories loading our spec and policies, bytes exact through the manager.
+
+    Not in the default run: the install is about 3.5 GB.
+    """
+    session.install(*TORCH)
+    session.install("--no-deps", VLLM)
+    requirements = session.run(
+        "python",
+        "-c",
+        "import importlib.metadata as m; print('\\n'.join(m.requires('vllm') or []))",
+        silent=True,
+    )
+    keep = []
+    for line in str(requirements).splitlines():
+        name = line.split(";")[0].strip()
+        if not name or "extra ==" in line:
+            continue
+        base = name.split("[")[0]
+        for mark in "<>=!~ ":
+            base = base.split(mark)[0]
+        base = base.lower().replace("_", "-")
+        if base in VLLM_CUDA_STACK or base.startswith("nvidia-"):
+            continue
+        keep.append(line.strip())
+    torch_pin = session.create_tmp() + "/torch-constraint.txt"
+    with open(torch_pin, "w") as pin:
+        pin.write(TORCH[0] + "\n")
+    session.install("-c", torch_pin, *keep)
+    session.install(".", *TEST_DEPS)
+    env = {"LMCACHE_REQUIRE_BACKENDS": "vllm"}
+    session.run("pytest", "tests/test_vllm_adapter.py", *session.posargs, env=env)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
