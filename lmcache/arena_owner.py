@@ -11,14 +11,16 @@ nobody without a live handle reaches a slot's memory.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from lmcache.arena import Arena
 from lmcache.checks import ChunkChecker
 from lmcache.errors import OverlapError
 from lmcache.memory import MemoryExtent
 from lmcache.registry import detect_framework, load_adapter
-from lmcache.storage_backend.mem_pool.base_pool import KVObj
+
+if TYPE_CHECKING:  # the handle type's module imports the pools, which import this module
+    from lmcache.storage_backend.mem_pool.base_pool import KVObj
 
 
 class ArenaOwner:
