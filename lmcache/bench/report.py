@@ -179,7 +179,7 @@ def _loaded_run(
     one row per headline: the loaded figure against the unloaded one (target: at most 2x worse)."""
     from lmcache.bench.load import busy_processes
 
-    wanted = {(r.metric, r.backend): r for r in unloaded if r.headline}
+    wanted = {(r.metric, r.backend, r.note): r for r in unloaded if r.headline}  # note: e.g. threads
     loaded: list[Result] = []
     with busy_processes(procs):
         for index, (label, step) in enumerate(steps, 1):
@@ -187,7 +187,7 @@ def _loaded_run(
             rows = step()
             load = _load()
             for row in rows:
-                before = wanted.get((row.metric, row.backend))
+                before = wanted.get((row.metric, row.backend, row.note))
                 if before is None:
                     continue
                 kept = before.value / row.value if row.lower_is_better else row.value / before.value
