@@ -315,3 +315,28 @@ def test_socket_and_repr(server: CacheServer) -> None:
         assert server.clients == 1
     assert "closed" in repr(client)
     assert oct(os.stat(server.socket_path).st_mode & 0o777) == "0o600"
+
+
+def test_a_server_with_a_disk_tier_finds_its_chunks_after_a_restart(tmp_path: Any) -> None:
+    """``CacheServer(..., disk=DIR)`` (``lmcache serve --disk DIR``): a new server on the same directory
+    serves what the old one wrote, bit-exactly."""
+    from disktest import require_disk
+    from lmcache.disk import DiskTier
+
+    require_disk()
+    tokens = list(range(3 * CHUNK + 5))
+    kv = prefix_kv(tokens)
+    for round_ in (1, 2):
+        tier = DiskTier(tmp_path / "kv", size_gib=0.01)
+        with CacheServer(f"{tmp_path}/s{round_}.sock", metadata(8), disk=tier) as server:
+            client = connect(server.socket_path, backend="numpy")
+            if round_ == 1:
+                assert client.store(tokens, kv) == len(tokens)
+                assert server.cache.flush(5.0)
+            else:
+                assert client.lookup(tokens) == len(tokens)  # from the disk: the new arena is empty
+                out, n = client.retrieve(tokens)
+                assert n == len(tokens)
+                assert same_bits(out, kv)
+            client.close()
+        tier.close()

@@ -36,6 +36,10 @@ def add_parser(commands: Any, shape: Callable[[str], tuple[int, int, int, int, i
     serve.add_argument("--size-gib", type=float, required=True, help="arena size in GiB")
     serve.add_argument("--policy", default=None, help="eviction policy (default: the cache's default)")
     serve.add_argument("--remote", default=None, help="remote tier URL, e.g. redis://127.0.0.1:6379/0")
+    serve.add_argument("--disk", default=None, metavar="DIR", help="a disk tier in DIR (survives restarts)")
+    serve.add_argument(
+        "--disk-size-gib", type=float, default=16.0, help="the disk tier's bound in GiB (default 16)"
+    )
     serve.add_argument(
         "--group", default=None, help="a group whose members may use the cache too (mode 0660); default 0600"
     )
@@ -46,7 +50,12 @@ def add_parser(commands: Any, shape: Callable[[str], tuple[int, int, int, int, i
 
 def cache_options(args: argparse.Namespace) -> dict[str, Any]:
     """The options of the server's :class:`~lmcache.chunk_cache.ChunkCache` from the command line."""
-    return {"policy": args.policy, "remote": args.remote}
+    disk = None
+    if args.disk is not None:
+        from lmcache.disk import DiskTier
+
+        disk = DiskTier(args.disk, size_gib=args.disk_size_gib)
+    return {"policy": args.policy, "remote": args.remote, "disk": disk}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -57,9 +66,8 @@ def run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     try:
         metadata = LMCacheMemPoolMetadata(args.kv_shape, args.dtype, args.size_gib)
-        server = CacheServer(
-            args.socket, metadata, group=args.group, max_clients=args.max_clients, **cache_options(args)
-        )
+        options = cache_options(args)
+        server = CacheServer(args.socket, metadata, group=args.group, max_clients=args.max_clients, **options)
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: stop.set())
         server.start()
@@ -71,6 +79,8 @@ def run(args: argparse.Namespace) -> int:
         stop.wait()
     finally:
         server.stop()
+        if options["disk"] is not None:  # the server's tier: written out (briefly) and closed here
+            options["disk"].close()
     return 0
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from lmcache.chunk_cache import ChunkCache
 from lmcache.config import LMCacheMemPoolMetadata
+from lmcache.disk import DiskTier
 from lmcache.errors import ConfigError, MemPoolError, ProtocolError
 from lmcache.layout import MIN_SLOT_ALIGNMENT, SlotLayout
 from lmcache.policies import EvictionPolicy
@@ -50,6 +51,8 @@ class CacheServer:
         metadata: the chunk shape, dtype and memory budget of the arena (as for a pool).
         policy: the cache's eviction policy (see :class:`~lmcache.chunk_cache.ChunkCache`).
         remote: the cache's remote tier: a URL or a :class:`~lmcache.remote.RedisTier`.
+        disk: the cache's disk tier: a directory or a :class:`~lmcache.disk.DiskTier` (chunks written
+            there survive the server; a new server on the same directory finds them again).
         group: a group name or id whose members may use the cache too (socket and memory mode 0660);
             None: only this process's user (mode 0600).
         max_clients: connections served at once; more are closed at once.
@@ -79,6 +82,7 @@ class CacheServer:
         *,
         policy: str | EvictionPolicy | None = None,
         remote: str | RedisTier | None = None,
+        disk: str | os.PathLike[str] | DiskTier | None = None,
         group: str | int | None = None,
         max_clients: int = 256,
         slot_alignment: int = MIN_SLOT_ALIGNMENT,
@@ -93,7 +97,7 @@ class CacheServer:
         self.metadata = metadata
         self._layout = SlotLayout.from_metadata(metadata, slot_alignment)
         self._gid = access.resolve_group(group)
-        self._cache_options: dict[str, Any] = {"policy": policy, "remote": remote}
+        self._cache_options: dict[str, Any] = {"policy": policy, "remote": remote, "disk": disk}
         self._max_clients = max_clients
         self._lock = threading.Lock()
         self._connections: dict[socket.socket, threading.Thread] = {}
