@@ -11,21 +11,17 @@ run). Token hit rate = hit tokens / input tokens.
 
 from __future__ import annotations
 
-import gzip
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
-
 from lmcache.cache_keys import chunk_keys, root_key
-from lmcache.errors import BenchmarkError
+from lmcache.errors import BenchmarkError, ConfigError
+from lmcache.replay import BLOCK_TOKENS, block_tokens
+from lmcache.replay import read_trace as read_requests
 
-#: Tokens per block of the Mooncake traces.
-BLOCK_TOKENS = 512
 #: The trace the shared cache's hit-rate figure replays, and where the project keeps it.
 DEFAULT_TRACE = "mooncake_conversation_trace.jsonl"
 
@@ -49,42 +45,39 @@ class KeyCache(Protocol):
 
 
 def find_trace(path: str | None) -> Path | None:
-    """The trace at ``path``, or (None) the project's copy: ``$LMCACHE_TRACES`` or ``../shared/traces``
-    beside the source tree; None when there is none."""
+    """The trace at ``path``, or (None) the project's copy: ``$LMCACHE_TRACES``, ``tests/traces`` of the
+    source tree, or ``../shared/traces`` beside it; None when there is none."""
     if path is not None:
         return Path(path)
     here = Path(__file__).resolve().parents[2]
-    for directory in (os.environ.get("LMCACHE_TRACES"), here.parent / "shared" / "traces"):
+    for directory in (
+        os.environ.get("LMCACHE_TRACES"),
+        here / "tests" / "traces",
+        here.parent / "shared" / "traces",
+    ):
         if directory and (Path(directory) / DEFAULT_TRACE).is_file():
             return Path(directory) / DEFAULT_TRACE
     return None
 
 
 def read_trace(path: Path, limit: int | None = None) -> list[Request]:
-    """Read up to ``limit`` requests of a Mooncake trace (gzip accepted) as chunk keys.
+    """Read up to ``limit`` requests of a Mooncake trace (gzip accepted) as chunk keys: the requests and
+    token blocks of :mod:`lmcache.replay`, hashed as a cache of namespace ``""`` would.
 
     Raises:
-        BenchmarkError: a line is not a Mooncake request.
+        BenchmarkError: the file cannot be read or a line is not a Mooncake request.
     """
-    opener: Any = gzip.open if path.suffix == ".gz" else open
+    try:
+        trace = read_requests(str(path))
+    except ConfigError as exc:
+        raise BenchmarkError(str(exc)) from exc
     root = root_key("")
-    requests: list[Request] = []
-    with opener(path, "rt", encoding="utf-8") as lines:
-        for number, line in enumerate(lines, 1):
-            if limit is not None and len(requests) >= limit:
-                break
-            try:
-                record = json.loads(line)
-                length, ids = int(record["input_length"]), [int(h) for h in record["hash_ids"]]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise BenchmarkError(f"{path}:{number} is not a Mooncake trace request: {exc}") from exc
-            if not ids or not 0 < length <= BLOCK_TOKENS * len(ids):
-                raise BenchmarkError(f"{path}:{number}: {length} tokens do not fit {len(ids)} blocks")
-            tokens = (
-                np.asarray(ids, dtype=np.int64)[:, None] * BLOCK_TOKENS + np.arange(BLOCK_TOKENS)
-            ).ravel()
-            requests.append(Request(length, list(chunk_keys(tokens[:length], BLOCK_TOKENS, root))))
-    return requests
+    return [
+        Request(
+            r.input_length, list(chunk_keys(block_tokens(r.hash_ids, r.input_length), BLOCK_TOKENS, root))
+        )
+        for r in trace[:limit]
+    ]
 
 
 def replay(requests: Sequence[Request], replicas: Sequence[KeyCache]) -> tuple[int, int]:
