@@ -22,7 +22,8 @@ import itertools
 import os
 import queue
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -56,11 +57,11 @@ def _default_threads() -> int:
 
 
 class _Job:
-    """One split copy: pieces claimed in order by whichever thread asks next."""
+    """One split copy (or any batch of tasks): tasks claimed in order by whichever thread asks next."""
 
     __slots__ = ("_done", "_error", "_finished", "_lock", "_next", "_pieces")
 
-    def __init__(self, pieces: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, pieces: Sequence[Callable[[], object]]) -> None:
         self._pieces = pieces
         self._lock = threading.Lock()
         self._next = 0
@@ -69,7 +70,7 @@ class _Job:
         self._finished = threading.Event()
 
     def run(self) -> None:
-        """Copy pieces until none is left to claim."""
+        """Run tasks until none is left to claim."""
         pieces, lock = self._pieces, self._lock
         while True:
             with lock:
@@ -77,9 +78,8 @@ class _Job:
                 if index >= len(pieces):
                     return
                 self._next = index + 1
-            dst, src = pieces[index]
             try:
-                np.copyto(dst, src, casting="no")
+                pieces[index]()
             except BaseException as exc:  # noqa: BLE001 - handed to the caller, who re-raises it
                 with lock:
                     self._error = self._error or exc
@@ -136,10 +136,23 @@ class CopyEngine:
         if len(pieces) < 2:
             np.copyto(dst, src, casting="no")
             return
-        self._ensure_helpers()
-        job = _Job(pieces)
-        for _ in range(min(self.threads - 1, len(pieces) - 1)):
-            self._tasks.put(job)
+        self.run([partial(np.copyto, d, s, casting="no") for d, s in pieces])
+
+    def run(self, tasks: Sequence[Callable[[], object]]) -> None:
+        """Run ``tasks`` (callables that release the GIL while they move bytes: numpy and torch copies)
+        on the engine's threads, the calling thread included, and return when all are done.
+
+        Tasks are claimed one at a time from a shared counter, so a thread the scheduler leaves waiting
+        delays only the task it holds. They must touch disjoint memory (they run in any order, in
+        parallel). If tasks raise, the first error is re-raised once every task has run or failed.
+        """
+        if not tasks:
+            return
+        job = _Job(tasks)
+        if self.threads > 1 and len(tasks) > 1:
+            self._ensure_helpers()
+            for _ in range(min(self.threads - 1, len(tasks) - 1)):
+                self._tasks.put(job)
         job.run()
         job.wait()
 
@@ -206,6 +219,11 @@ def copy(dst: np.ndarray, src: np.ndarray) -> None:
     _ENGINE.copy(dst, src)
 
 
+def run(tasks: Sequence[Callable[[], object]]) -> None:
+    """Run tasks on the process's engine (see :meth:`CopyEngine.run`)."""
+    _ENGINE.run(tasks)
+
+
 def threads() -> int:
     """How many threads a large copy uses now (the calling thread included)."""
     return _ENGINE.threads
@@ -225,4 +243,13 @@ def set_threads(count: int) -> None:
 
 os.register_at_fork(after_in_child=lambda: _ENGINE.reset_after_fork())
 
-__all__ = ["MAX_THREADS", "MIN_SPLIT_BYTES", "PIECE_BYTES", "CopyEngine", "copy", "set_threads", "threads"]
+__all__ = [
+    "MAX_THREADS",
+    "MIN_SPLIT_BYTES",
+    "PIECE_BYTES",
+    "CopyEngine",
+    "copy",
+    "run",
+    "set_threads",
+    "threads",
+]

@@ -109,3 +109,26 @@ def test_a_forked_child_copies_with_new_helpers() -> None:
             os._exit(status)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 4])
+def test_run_runs_every_task_once_and_reraises_the_first_error(threads: int) -> None:
+    """``run`` runs each task exactly once, on any thread; a task's error reaches the caller after every
+    other task has run, so no task is left half-scheduled."""
+    engine = CopyEngine(threads)
+    seen: list[int] = []
+    lock = threading.Lock()
+
+    def task(i: int) -> None:
+        with lock:
+            seen.append(i)
+        if i == 3:
+            raise ValueError("task 3")
+
+    with pytest.raises(ValueError, match="task 3"):
+        engine.run([lambda i=i: task(i) for i in range(40)])
+    assert sorted(seen) == list(range(40))
+    seen.clear()
+    engine.run([lambda i=i: task(i) for i in range(4, 9)])
+    assert sorted(seen) == list(range(4, 9))
+    engine.stop()

@@ -1,10 +1,18 @@
 """Paged transfer for torch caches: gather a request's tokens into a chunk, scatter a chunk back.
 
 The geometry, the block table checks and the row arithmetic are the core's (:mod:`lmcache.paged`); this
-module only moves bytes. Each call is one ``index_select`` / ``index_copy_`` on dim 0 (one per layer for
-the ``"vllm"`` list layout): the cache and the chunk are both viewed as 2-D ``(rows, row_width)`` arrays
+module only moves bytes. The cache and the chunk are both viewed as 2-D ``(rows, row_width)`` arrays
 whose rows are ``g`` tokens of one layer and one of K / V, and ``g`` is as wide as the range allows (a
 whole block when the range is block-aligned).
+
+Caches in host memory are moved by numpy (``take`` / indexed assignment on numpy views of the same
+memory), one task per layer, on the core's copy engine (:mod:`lmcache.copy_engine`): each task is
+single-threaded and the threads claim tasks one at a time, so a thread that the scheduler leaves waiting
+on a busy machine delays one layer, not the whole copy. torch's own ops on the CPU split each op over its
+intra-op threads and wait for the slowest: measured on the 2-CPU development VM with another CPU-bound
+process running, a ``"vllm"`` list gather fell to 0.07x of a contiguous copy that way (docs/benchmarks.md).
+Caches on a GPU are moved by one ``index_select`` / ``index_copy_`` on dim 0 (one per layer for the
+``"vllm"`` list layout).
 
 Why rows of a wide element type: torch copies indexed rows element by element, so the element type sets
 the speed. Measured here (CPU, torch 2.13, 2 threads, 16-token bf16 rows): ``index_copy_`` moves
@@ -15,11 +23,14 @@ these types moves bits unchanged (no arithmetic touches them), so the bytes are 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import cast
 
 import numpy as np
 import torch
 
+from lmcache import copy_engine
 from lmcache.errors import ChunkShapeError, ChunkTypeError
 from lmcache.paged import PagedSpec, row_index, row_tokens
 from lmcache_torch import torch_dtype
@@ -48,6 +59,17 @@ def _as_rows(tensor: torch.Tensor, dtype: torch.dtype, width: int, lead: int = 0
     ``lead`` is given: one block of rows per layer)."""
     flat = tensor.reshape(-1).view(torch.uint8).view(dtype)
     return flat.view(lead, -1, width) if lead else flat.view(-1, width)
+
+
+def _host_rows(tensor: torch.Tensor, width: int) -> np.ndarray:
+    """A contiguous host tensor's bytes as a numpy ``(rows, width)`` ``uint8`` array (a view, no copy)."""
+    flat = tensor.detach().reshape(-1).view(torch.uint8).numpy()
+    return flat.reshape(-1, width)
+
+
+def _put_rows(cache: np.ndarray, index: np.ndarray, rows: np.ndarray) -> None:
+    """Write ``rows`` into rows ``index`` of ``cache`` (distinct rows: checked block ids)."""
+    cache[index] = rows
 
 
 def _layers(kv_caches: object, spec: PagedSpec) -> list[torch.Tensor]:
@@ -91,6 +113,33 @@ class TorchPaged:
         self.device = self.layers[0].device
         self._addresses = [offset for layer in self.layers for offset in _byte_offsets(layer)]
         self._views: dict[tuple[torch.dtype, int], list[torch.Tensor]] = {}
+        self._host_views: dict[int, list[np.ndarray]] = {}
+
+    def _host_plan(
+        self, table: np.ndarray, start: int, chunk: torch.Tensor
+    ) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """One ``(cache rows, row numbers, chunk rows)`` triple per layer, as numpy views of the cache's
+        and the chunk's host memory (bytes, ``row_bytes`` wide)."""
+        spec = self.spec
+        count = chunk.shape[2]
+        g = row_tokens(spec.block_size, start, count)
+        width = g * spec.token_elems * spec.dtype.itemsize
+        views = self._host_views.get(width)
+        if views is None:
+            views = self._host_views[width] = [_host_rows(layer, width) for layer in self.layers]
+        rows = row_index(table, spec.block_size, start, count, g)
+        rows_per_pair = spec.num_blocks * spec.block_size // g
+        pair_rows = np.arange(spec.kv, dtype=np.int64)[:, None] * rows_per_pair
+        chunk_rows = _host_rows(chunk, width).reshape(spec.num_layers, spec.kv * rows.shape[0], width)
+        if spec.layout == "vllm":
+            index = (pair_rows + rows[None, :]).reshape(-1)
+            return [(view, index, part) for view, part in zip(views, chunk_rows, strict=True)]
+        # stacked: layer l's K/V pairs are pairs l*K .. l*K+K-1 of the one tensor
+        layer_rows = spec.kv * rows_per_pair
+        return [
+            (views[0], (layer * layer_rows + pair_rows + rows[None, :]).reshape(-1), part)
+            for layer, part in enumerate(chunk_rows)
+        ]
 
     def _plan(
         self, table: np.ndarray, start: int, chunk: torch.Tensor
@@ -129,6 +178,15 @@ class TorchPaged:
         if not dst.is_contiguous():
             raise ChunkShapeError("the destination chunk must be contiguous (a slot view is)")
         target = dst if dst.device == self.device else torch.empty_like(dst, device=self.device)
+        if self.device.type == "cpu":
+            tasks: list[Callable[[], object]] = [
+                partial(np.take, cache, index, axis=0, out=out, mode="clip")  # ids checked: never clips
+                for cache, index, out in self._host_plan(table, start, target)
+            ]
+            copy_engine.run(tasks)
+            if target is not dst:
+                dst.copy_(target)
+            return
         index, views, out = self._plan(table, start, target)
         if self.spec.layout == "stacked":
             torch.index_select(views[0], 0, index, out=out)
@@ -155,6 +213,14 @@ class TorchPaged:
         """
         _check_chunk(src, self.spec, "the source chunk")
         source = src.to(self.device).contiguous()
+        if self.device.type == "cpu":
+            copy_engine.run(
+                [
+                    partial(_put_rows, cache, index, part)
+                    for cache, index, part in self._host_plan(table, start, source)
+                ]
+            )
+            return
         index, views, rows = self._plan(table, start, source)
         if self.spec.layout == "stacked":
             views[0].index_copy_(0, index, rows)

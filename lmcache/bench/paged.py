@@ -5,8 +5,9 @@ in blocks of 16 tokens with a shuffled block table, moved to and from chunks of 
 is a bandwidth against one contiguous copy of the same bytes in the same framework, measured in the same
 run (torch: ``Tensor.copy_`` into an existing tensor; JAX: a jitted copy). The design asks for >= 0.6x.
 JAX compile time is reported on its own row. torch runs twice, with its default threads and with one
-(baseline included): on a machine whose cores other processes share, a parallel op can wait for a
-descheduled thread, and the ``"vllm"`` list layout runs one op per chunk and layer. ``--quick`` moves
+(baseline included; the copy engine, which moves a host cache's layers, gets the same count): on a
+machine whose cores other processes share, a parallel op can wait for a descheduled thread, and the
+``"vllm"`` list layout moves one piece per chunk and layer. ``--quick`` moves
 1024 tokens of 2 layers (8 MiB), with the default threads only.
 
 Run it with ``python -m lmcache bench`` (the section "paged transfer").
@@ -20,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from lmcache import copy_engine
 from lmcache.bench import common
 from lmcache.bench.common import Options, Result
 from lmcache.config import LMCacheMemPoolMetadata
@@ -147,12 +149,15 @@ def bench_paged_torch(opts: Options) -> list[Result]:
         # parallel op can wait for a descheduled thread, and a list layout runs one op per layer and chunk.
         default_threads = torch.get_num_threads()
         settings = [default_threads] if opts.repeat <= 2 else sorted({default_threads, 1}, reverse=True)
+        default_copy_threads = copy_engine.threads()
         for threads in settings:  # --quick: the default only
-            torch.set_num_threads(threads)
+            torch.set_num_threads(threads)  # the baseline's (and a GPU cache's) threads
+            copy_engine.set_threads(min(threads, default_copy_threads))  # a host cache's
             try:
                 best = common.best(trials, opts.repeat)
             finally:
                 torch.set_num_threads(default_threads)
+                copy_engine.set_threads(default_copy_threads)
             note = f"chunk {CHUNK_SIZE}; {threads} thread{'s' if threads > 1 else ''} (baseline too)"
             main = layout == "vllm" and threads == default_threads
             results += _rows(
