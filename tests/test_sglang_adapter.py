@@ -18,16 +18,20 @@ from typing import Any
 
 import pytest
 
-from kvtest import require
+from kvtest import REQUIRED
 
-torch = require("torch")
-require("sglang")
+# Skip where SGLang is absent; where the session requires it (LMCACHE_REQUIRE_BACKENDS=sglang), the
+# imports below fail instead.
+if "sglang" not in REQUIRED:
+    pytest.importorskip("torch")
+    pytest.importorskip("sglang")
 
-from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig  # noqa: E402
-from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory  # noqa: E402
+import torch
+from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig
+from sglang.srt.mem_cache.storage.backend_factory import StorageBackendFactory
 
-from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError  # noqa: E402
-from lmcache_sglang.storage import LmcacheHiCacheStorage  # noqa: E402
+from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError
+from lmcache_sglang.storage import LmcacheHiCacheStorage
 
 LAYERS, HEADS, HEAD_DIM, PAGE = 2, 2, 4, 4
 
