@@ -8,8 +8,8 @@
 
 The host pool here is a small CPU stand-in with the page methods SGLang's controller uses
 (``page_size``, ``dtype``, ``get_data_page``, ``get_dummy_flat_data_page``, ``set_from_flat_data_page``),
-with the ``layer_first`` and ``page_first`` indexing of ``MHATokenToKVPoolHost``; that class itself
-needs device K/V buffers and pointer tables to construct.
+with the ``layer_first`` and ``page_first`` indexing of ``MHATokenToKVPoolHost``: importing that class
+pulls in transformers and torchvision, which do not load next to the CPU torch here.
 """
 
 from __future__ import annotations
