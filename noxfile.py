@@ -160,6 +160,47 @@ def vllm(session: nox.Session) -> None:
     session.run("pytest", "tests/test_vllm_adapter.py", *session.posargs, env=env)
 
 
+# SGLang's storage interfaces (hicache_storage, storage.backend_factory) import on the CPU torch; its
+# wheel pins a CUDA torch and kernel packages they never import. The sglang session installs SGLang with
+# --no-deps, then exactly the packages those imports need (found by importing them in a bare venv).
+SGLANG = "sglang==0.5.23"
+SGLANG_IMPORT_DEPS = [
+    "numpy",
+    "orjson",
+    "psutil",
+    "pybase64",
+    "requests",
+    "triton",
+    "packaging",
+    "pillow",
+    "starlette",
+    "msgspec",
+    "pydantic",
+    "pyzmq",
+    "tqdm",
+    "ipython",
+    "aiohttp",
+]
+
+
+@nox.session(default=False)
+def sglang(session: nox.Session) -> None:
+    """The SGLang adapter (lmcache_sglang) against SGLang 0.5.23 on the CPU torch: SGLang's factory
+    loading our HiCache storage backend, bytes exact through its v1 and classic calls.
+
+    Not in the default run: SGLang's import-time dependencies include triton.
+    """
+    session.install(*TORCH)
+    session.install("--no-deps", SGLANG)
+    torch_pin = session.create_tmp() + "/torch-constraint.txt"
+    with open(torch_pin, "w") as pin:
+        pin.write(TORCH[0] + "\n")
+    session.install("-c", torch_pin, *SGLANG_IMPORT_DEPS)
+    session.install("-c", torch_pin, ".", *TEST_DEPS)
+    env = {"LMCACHE_REQUIRE_BACKENDS": "sglang"}
+    session.run("pytest", "tests/test_sglang_adapter.py", *session.posargs, env=env)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""
