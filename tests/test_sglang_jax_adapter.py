@@ -64,7 +64,8 @@ def test_device_host_device_bytes_exact(dtype: str, pages: int) -> None:
     assert staged.buffer_id == buffer_id
     back = [jax.device_put(a, jax.devices()[0]) for a in staged.array_pytree]  # host -> "device"
     for src, got, slot in zip(layers, back, pool.read_slot(buffer_id, pages), strict=True):
-        assert got.shape == src.shape and got.dtype == src.dtype
+        assert got.shape == src.shape
+        assert got.dtype == src.dtype
         np.testing.assert_array_equal(_bits(got), _bits(src))
         np.testing.assert_array_equal(_bits(slot), _bits(src))  # the bytes live in the LMCache slot
     pool.release(buffer_id)
@@ -94,14 +95,18 @@ def test_reserve_never_hands_a_slot_twice() -> None:
             held.remove(victim)
         else:
             got = pool.reserve()
-            assert got is not None and got not in held and 0 <= got < 4
+            assert got is not None
+            assert got not in held
+            assert 0 <= got < 4
             held.add(got)
         assert pool.available_size() == 4 - len(held)
     while len(held) < 4:
         got = pool.reserve()
-        assert got is not None and got not in held
+        assert got is not None
+        assert got not in held
         held.add(got)
-    assert pool.reserve() is None and pool.available_size() == 0
+    assert pool.reserve() is None
+    assert pool.available_size() == 0
     pool.close()
 
 

@@ -119,7 +119,7 @@ class LMCacheHostKVPool(HostKVPool):  # type: ignore[misc]
         return self._pool_size
 
     def copy_from_device(self, layers: list[jax.Array], buffer_id: int) -> StagedData:
-        """Copy ``layers`` (one array per layer, ``(padded_pages, *per_layer_shape)``) into slot ``buffer_id``.
+        """Copy ``layers`` (per layer ``(padded_pages, *per_layer_shape)``) into slot ``buffer_id``.
 
         The bytes land in the LMCache slot; the returned ``StagedData.array_pytree`` holds per-layer
         host ``jax.Array`` copies of them, as sglang-jax's PD producer reads. The caller releases
