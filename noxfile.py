@@ -165,7 +165,9 @@ def vllm(session: nox.Session) -> None:
 # GitHub, or from a checkout named by $SGLANG_JAX_SRC (the repository's python/ folder) where GitHub is out
 # of reach. --no-deps: the host pool imports only jax and numpy, which the session installs itself.
 SGLANG_JAX_COMMIT = "cddbf6f1cc33cbdd453bd8f36ff7051cf46ca176"
-SGLANG_JAX = f"sglang-jax @ git+https://github.com/sgl-project/sglang-jax@{SGLANG_JAX_COMMIT}#subdirectory=python"
+SGLANG_JAX = (
+    f"sglang-jax @ git+https://github.com/sgl-project/sglang-jax@{SGLANG_JAX_COMMIT}#subdirectory=python"
+)
 
 
 @nox.session(python="3.12", default=False)
