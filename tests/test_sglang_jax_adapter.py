@@ -166,3 +166,28 @@ def test_bad_config() -> None:
         LMCacheHostKVPool(0, 5, 3, PAGE_SHAPE, "bfloat16")
     with pytest.raises(ConfigError, match="per_layer_shape"):
         LMCacheHostKVPool(2, 5, 3, (), "bfloat16")
+
+
+def test_sglang_jax_own_pd_pool_cases() -> None:
+    """sglang-jax's own QueueHostKVPool cases (TestABCExtensionDoesNotBreakPD) with our pool in its place."""
+    import importlib
+    import unittest
+
+    require("jax")
+    require("sgl_jax")
+    from lmcache_sglang_jax import LMCacheHostKVPool
+
+    cases = importlib.import_module("sglang_jax_upstream.host_kv_pool_cases")
+    original = cases.QueueHostKVPool
+    cases.QueueHostKVPool = LMCacheHostKVPool
+    try:
+        suite = unittest.defaultTestLoader.loadTestsFromTestCase(cases.TestABCExtensionDoesNotBreakPD)
+        result = unittest.TestResult()
+        suite.run(result)
+    finally:
+        cases.QueueHostKVPool = original
+    assert suite.countTestCases() == 3
+    assert not result.errors, result.errors
+    assert not result.failures, result.failures
+    assert not result.skipped, result.skipped
+    assert result.testsRun == 3
