@@ -201,6 +201,32 @@ def sglang(session: nox.Session) -> None:
     session.run("pytest", "tests/test_sglang_adapter.py", *session.posargs, env=env)
 
 
+# sglang-jax's host KV pool (sgl_jax.srt.mem_cache.host_kv_pool) is newer than its only PyPI release
+# (sglang-jax 0.0.2, October 2025, which has no host pool): the session installs the pinned commit from
+# GitHub, or from a checkout named by $SGLANG_JAX_SRC (the repository's python/ folder) where GitHub is out
+# of reach. --no-deps: the host pool imports only jax and numpy; sglang-jax's own host-pool test module
+# (vendored in tests/sglang_jax_upstream) also imports its device pool, which needs these three.
+SGLANG_JAX_COMMIT = "cddbf6f1cc33cbdd453bd8f36ff7051cf46ca176"
+SGLANG_JAX_TEST_DEPS = ["psutil~=7.0.0", "pyzmq~=27.0.1", "fastapi~=0.116.1"]  # sglang-jax's own pins
+SGLANG_JAX = (
+    f"sglang-jax @ git+https://github.com/sgl-project/sglang-jax@{SGLANG_JAX_COMMIT}#subdirectory=python"
+)
+
+
+@nox.session(python="3.12", default=False)
+def sglang_jax(session: nox.Session) -> None:
+    """The sglang-jax adapter (lmcache_sglang_jax) against sglang-jax's HostKVPool ABC at a pinned commit.
+
+    Not in the default run: sglang-jax's host pool is only on GitHub, not on PyPI.
+    """
+    session.install(".[jax]", *SGLANG_JAX_TEST_DEPS, *TEST_DEPS)
+    source = os.environ.get("SGLANG_JAX_SRC", SGLANG_JAX)
+    env = {"SETUPTOOLS_SCM_PRETEND_VERSION_FOR_SGLANG_JAX": "0.0.0+g" + SGLANG_JAX_COMMIT[:8]}
+    session.install("--no-deps", source, env=env)
+    env = {"LMCACHE_REQUIRE_BACKENDS": "jax,sgl_jax"}
+    session.run("pytest", "tests/test_sglang_jax_adapter.py", *session.posargs, env=env)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""

@@ -1,0 +1,13 @@
+"""sglang-jax's host KV pool on LMCache's JAX pool: :class:`LMCacheHostKVPool`.
+
+sglang-jax (``sgl_jax.srt.mem_cache.host_kv_pool``) stages KV in host memory behind the
+``HostKVPool`` ABC. This package implements that ABC for the PD-disaggregation role (the role of
+sglang-jax's ``QueueHostKVPool``: ``reserve -> copy_from_device -> release``) on a
+:class:`~lmcache.storage_backend.mem_pool.LocalCPUPool` with the JAX backend, whose arena is
+``pinned_host`` where JAX offers it and plain host memory otherwise. It imports sglang-jax, so it is
+only importable where ``sgl_jax`` is.
+"""
+
+from lmcache_sglang_jax.host_pool import LMCacheHostKVPool
+
+__all__ = ["LMCacheHostKVPool"]
