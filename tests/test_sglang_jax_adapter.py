@@ -17,6 +17,13 @@ from kvtest import require
 PAGE_SHAPE = (4, 2 * 2, 16)  # page_size 4, 2 KV heads fused K/V, head_dim 16
 
 
+@pytest.fixture(autouse=True)
+def _needs_jax_and_sglang_jax() -> None:
+    """Every case here drives sglang-jax's ABC with JAX arrays: skip (or fail, where required) without them."""
+    require("jax")
+    require("sgl_jax")
+
+
 def _pool(pool_size: int = 3, max_pages: int = 5, layer_num: int = 3, dtype: Any = "bfloat16") -> Any:
     require("jax")
     require("sgl_jax")
