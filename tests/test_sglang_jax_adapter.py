@@ -19,7 +19,7 @@ PAGE_SHAPE = (4, 2 * 2, 16)  # page_size 4, 2 KV heads fused K/V, head_dim 16
 
 @pytest.fixture(autouse=True)
 def _needs_jax_and_sglang_jax() -> None:
-    """Every case here drives sglang-jax's ABC with JAX arrays: skip (or fail, where required) without them."""
+    """Every case here drives sglang-jax's ABC with JAX arrays: skip (or fail, where required) without."""
     require("jax")
     require("sgl_jax")
 
