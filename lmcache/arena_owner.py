@@ -28,7 +28,7 @@ class ArenaOwner:
 
     Subclasses set ``backend`` (the framework of ``KVObj.data``), ``size_per_chunk``, ``_arena``,
     ``_checker`` (argument checks for the arena's layout) and ``_extent`` (the arena's bytes, for
-    overlap checks), and implement :meth:`_live_slot`.
+    overlap checks), and implement :meth:`_live_slot` and :meth:`check_handle`.
     """
 
     backend: str
@@ -48,6 +48,15 @@ class ArenaOwner:
         if framework is None or framework == self.backend:
             return self._arena.view(slot, handle.num_tokens)
         return self._arena.export(slot, handle.num_tokens, framework)
+
+    def _first_view(self, slot: int, generation: int, num_tokens: int) -> Any:
+        """Return the view of the chunk of the live handle ``(slot, generation)`` (``KVObj.data``)."""
+        self.check_handle(slot, generation)
+        return self._arena.view(slot, num_tokens)
+
+    def check_handle(self, slot: int, generation: int) -> None:
+        """Raise the reason unless the handle ``(slot, generation)`` owns its slot."""
+        raise NotImplementedError
 
     def _producer_of(self, handle: KVObj) -> Any:
         """Return a DLPack producer of the handle's chunk."""

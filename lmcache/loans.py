@@ -84,14 +84,25 @@ class ChunkLoan:
         if handle.pool is not self:
             raise StaleHandleError(f"this KVObj was not lent by this {self._purpose}")
         self.check_handle(handle.chunk_idx, handle.generation)
-        lent = self._lent[handle.chunk_idx]
+        return self._lent_owner(handle.chunk_idx)
+
+    def _view_of(self, handle: KVObj, framework: str | None) -> Any:
+        owner, lent = self._owner_handle(handle)
+        return self._lent_view(owner, lent, framework)
+
+    def _first_view(self, slot: int, generation: int, num_tokens: int) -> Any:
+        self.check_handle(slot, generation)
+        owner, lent = self._lent_owner(slot)
+        return self._lent_view(owner, lent, None)
+
+    def _lent_owner(self, slot: int) -> tuple[ChunkOwner, KVObj]:
+        lent = self._lent[slot]
         owner = lent.pool
         if owner is None:  # a loan lends only pool handles
             raise StaleHandleError(f"the {self._purpose}'s slot has no pool")
         return owner, lent
 
-    def _view_of(self, handle: KVObj, framework: str | None) -> Any:
-        owner, lent = self._owner_handle(handle)
+    def _lent_view(self, owner: ChunkOwner, lent: KVObj, framework: str | None) -> Any:
         view = owner._view_of(lent, framework)
         if not self._writable and isinstance(view, np.ndarray):
             view.flags.writeable = False

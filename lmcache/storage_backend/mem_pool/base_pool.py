@@ -32,6 +32,12 @@ class ChunkOwner(Protocol):
         """Return a view of the handle's chunk whose object state belongs to the caller alone."""
         ...
 
+    def _first_view(self, slot: int, generation: int, num_tokens: int) -> Any:
+        """Return the owner's-framework view of the chunk of the handle ``(slot, generation)``, checked as
+        :meth:`check_handle` does; ``KVObj.data``'s first access calls it with the handle's own identity
+        (one call on allocate's hot path, where ``_view_of`` reads the handle back)."""
+        ...
+
     def _producer_of(self, handle: KVObj) -> Any:
         """Return a DLPack producer of the handle's chunk."""
         ...
@@ -150,8 +156,8 @@ class KVObj:
         if pool is None:
             return self._data
         data = self._data
-        if data is None:  # the first access: _view_of checks the handle
-            data = self._data = pool._view_of(self, None)
+        if data is None:  # the first access: the pool checks the handle's identity
+            data = self._data = pool._first_view(self._chunk_idx, self._generation, self._num_tokens)
         else:
             pool.check_handle(self._chunk_idx, self._generation)
         return data
@@ -166,6 +172,11 @@ class KVObj:
         """Whether this object still owns its slot (allocated and not yet freed)."""
         pool = self._pool
         return pool is not None and pool.handle_is_live(self._chunk_idx, self._generation)
+
+    def _identity_in(self, owner: object) -> tuple[int, int] | None:
+        """``(chunk_idx, generation)`` if ``owner`` issued this handle, else None: what a pool's ``free``
+        reads, in one call."""
+        return (self._chunk_idx, self._generation) if self._pool is owner else None
 
     def _owner(self) -> ChunkOwner:
         """The issuing pool (which checks this handle on every use); hand-built objects have none."""

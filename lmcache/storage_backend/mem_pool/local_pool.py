@@ -195,6 +195,11 @@ class LocalPool(BasePool, ArenaOwner):
             DoubleFreeError, StaleHandleError, ForeignHandleError: the handle does not own a slot of
                 this pool; the pool is unchanged.
         """
+        if kv_obj.__class__ is KVObj and wait_for is None:  # the hot path: one read of the handle
+            identity = kv_obj._identity_in(self)
+            if identity is not None:
+                self._release_one(*identity)
+                return
         if kv_obj.__class__ is not KVObj and not isinstance(kv_obj, KVObj):
             raise ForeignHandleError(f"free() takes a KVObj, got {type(kv_obj).__name__}")
         if kv_obj.pool is not self:
@@ -383,6 +388,13 @@ class LocalPool(BasePool, ArenaOwner):
     def handle_is_live(self, slot: int, generation: int) -> bool:
         """Whether the handle ``(slot, generation)`` owns its slot now."""
         return self._is_live(slot, generation)
+
+    def _first_view(self, slot: int, generation: int, num_tokens: int) -> Any:
+        """The view of a live handle's chunk (:meth:`check_handle`, then the arena's view), for
+        ``KVObj.data``'s first access: allocate's hot path, so both are inlined."""
+        if not self._is_live(slot, generation):
+            raise self._allocator.handle_error(slot, generation, freeing=False)
+        return self._arena.view(slot, num_tokens)
 
     # The views and copies of handles are ArenaOwner's; each first asks _live_slot, so no caller
     # without the live handle of a slot can reach the slot's memory.
