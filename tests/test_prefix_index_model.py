@@ -8,6 +8,7 @@ counters are exact. (The exact eviction order of ``"lru"`` is checked by ``test_
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any
 
 import pytest
@@ -18,7 +19,8 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 from cachetest import CHUNK, cache_pool
 from lmcache.chunk_cache import ChunkCache
 from lmcache.errors import CacheInvariantError, ConfigError
-from lmcache.policies import POLICIES, make_policy
+from lmcache.policies import POLICIES, EvictionPolicy, make_policy
+from lmcache.policies.adaptive import AdaptivePolicy
 from lmcache.prefix_index import PrefixIndex
 
 SLOTS = 5
@@ -32,12 +34,15 @@ prompts = st.lists(st.integers(0, 3), min_size=1, max_size=5).map(
 class IndexModel(RuleBasedStateMachine):
     """One index over a small pool; the model knows each chunk's parent and what is leased."""
 
-    policy = "lru"
+    policy: Any = "lru"  # a policy name, or a factory taking the capacity
 
     def __init__(self) -> None:
         super().__init__()
         self.pool = cache_pool("numpy", slots=SLOTS)
-        self.index = PrefixIndex(self.pool, self.pool.layout, make_policy(self.policy, SLOTS))
+        built: EvictionPolicy = (
+            make_policy(self.policy, SLOTS) if isinstance(self.policy, str) else self.policy(SLOTS)
+        )
+        self.index = PrefixIndex(self.pool, self.pool.layout, built)
         self.hasher = ChunkCache(cache_pool("numpy", slots=1))  # keys only
         self.parent: dict[bytes, bytes | None] = {}
         self.leases: list[tuple[list[Any], list[bytes]]] = []
@@ -138,6 +143,25 @@ def test_every_policy_keeps_the_index_invariants(policy: str) -> None:
     machine = type(f"IndexModel_{policy}", (IndexModel,), {"policy": policy})
     machine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
     machine.TestCase().runTest()
+
+
+def test_adaptive_with_sampled_shadows_keeps_the_index_invariants() -> None:
+    # Shadows of 2 keys for a 5-slot cache: each chain use replays only its sampled keys.
+    sampled = staticmethod(partial(AdaptivePolicy, sample=2))
+    machine = type("IndexModel_adaptive_sampled", (IndexModel,), {"policy": sampled})
+    machine.TestCase.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+    machine.TestCase().runTest()
+
+
+def test_adaptive_samples_a_uniform_share_of_keys_above_its_sample_size() -> None:
+    keys = [i.to_bytes(16, "little") for i in range(40_000)]  # sequential: the worst case for a bad mix
+    assert AdaptivePolicy(1000, sample=1000)._sampled(keys) is keys  # at or below: every key, no copy
+    share = len(AdaptivePolicy(64_000, sample=16_000)._sampled(keys)) / len(keys)
+    assert 0.23 < share < 0.27
+    ints = list(range(40_000))  # simulators key on ints, whose hash is the int itself
+    assert 0.23 < len(AdaptivePolicy(64_000, sample=16_000)._sampled(ints)) / len(ints) < 0.27
+    with pytest.raises(ConfigError, match="positive number of keys"):
+        AdaptivePolicy(10, sample=0)
 
 
 def test_a_policy_object_serves_one_index() -> None:
