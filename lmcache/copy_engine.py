@@ -57,20 +57,37 @@ def _default_threads() -> int:
 
 
 class _Job:
-    """One split copy (or any batch of tasks): tasks claimed in order by whichever thread asks next."""
+    """One split copy (or any batch of tasks): tasks claimed in order by whichever thread asks next.
 
-    __slots__ = ("_done", "_error", "_finished", "_lock", "_next", "_pieces")
+    The job lets go of its tasks (and so of the arrays they hold) before :meth:`wait` returns: a task may
+    hold a view that pins its memory (a DLPack export of a JAX buffer, which XLA cannot donate while it
+    lives), and a job can outlive the copy in the helpers' queue or in a helper's last frame.
+    """
+
+    __slots__ = ("_active", "_count", "_done", "_error", "_finished", "_lock", "_next", "_pieces")
 
     def __init__(self, pieces: Sequence[Callable[[], object]]) -> None:
         self._pieces = pieces
+        self._count = len(pieces)
         self._lock = threading.Lock()
         self._next = 0
         self._done = 0
+        self._active = 0  # threads inside run()
         self._error: BaseException | None = None
         self._finished = threading.Event()
 
     def run(self) -> None:
         """Run tasks until none is left to claim."""
+        with self._lock:
+            self._active += 1
+        self._work()  # its frame, which holds the tasks, is gone when it returns
+        with self._lock:
+            self._active -= 1
+            if self._active == 0 and self._done == self._count:
+                self._pieces = ()
+                self._finished.set()
+
+    def _work(self) -> None:
         pieces, lock = self._pieces, self._lock
         while True:
             with lock:
@@ -85,11 +102,10 @@ class _Job:
                     self._error = self._error or exc
             with lock:
                 self._done += 1
-                if self._done == len(pieces):
-                    self._finished.set()
 
     def wait(self) -> None:
-        """Wait for every piece (claimed by others) to be copied; re-raise a piece's error."""
+        """Wait for every piece (claimed by others) to be copied and every thread to have let go of the
+        tasks; re-raise a piece's error."""
         self._finished.wait()
         if self._error is not None:
             raise self._error
@@ -172,6 +188,7 @@ class CopyEngine:
             if job is None:
                 return
             job.run()
+            del job  # not held while waiting for the next one
 
     def stop(self) -> None:
         """Stop the helper threads (they finish the piece they hold); later copies start new ones."""

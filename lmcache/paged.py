@@ -403,7 +403,10 @@ class PagedRequest:
         self._torch = (
             self._kernels.TorchPaged(kv_caches, self.spec) if self.spec.framework == "torch" else None
         )
-        self._gathered: Any = None  # JAX: tokens _origin .. total-1, gathered by one call
+        # JAX: whether the kernels move the cache's bytes with numpy (a CPU cache), and else tokens
+        # _origin .. total-1, gathered by one call.
+        self._on_host = self.spec.framework == "jax" and self._kernels.on_host(kv_caches, self.spec)
+        self._gathered: Any = None
         self._origin = 0
         self._per_layer = False
 
@@ -437,12 +440,15 @@ class PagedRequest:
     def gather_into_slot(self, obj: Any, start: int, count: int, total: int) -> None:
         """Copy tokens ``start .. start+count-1`` of the request into the slot of ``obj`` (a KVObj).
 
-        torch: one gather straight into the slot's view. JAX: the first call gathers tokens
-        ``start .. total-1`` at once (one jitted call, padded to whole chunks) and every call copies its
-        chunk out of that result.
+        torch: one gather straight into the slot's view. JAX in host memory: the same, with numpy on the
+        cache's buffers. Other JAX caches: the first call gathers tokens ``start .. total-1`` at once (one
+        jitted call, padded to whole chunks) and every call copies its chunk out of that result.
         """
         if self._torch is not None:
             self._torch.gather_into(self.table, start, obj.as_torch())
+            return
+        if self.host and self._on_host:  # a JAX cache in host memory: numpy reads its buffers
+            self._kernels.gather_into(self.kv_caches, self.spec, self.table, start, obj.as_numpy())
             return
         if self._gathered is None:  # a store asks for its chunks in order: gather them all once
             self._origin = start
@@ -468,29 +474,17 @@ class PagedRequest:
         """Write chunks (``(start, KVObj)`` pairs covering tokens ``0 .. total-1``) into the blocks.
 
         Returns:
-            torch: ``total`` (the cache was written in place). JAX: the new paged cache (one jitted,
-            donated scatter; the arrays passed in are invalid afterwards).
+            torch: ``total`` (the cache was written in place). JAX: the new paged cache (donated: the
+            arrays passed in are invalid afterwards; see :func:`lmcache_jax.paged.scatter_pieces`).
         """
         if self._torch is not None:
             for start, obj in chunks:
                 self._torch.scatter_from(self.table, start, obj.as_torch())
             return total
-        padded = -(-total // self.chunk_size) * self.chunk_size
-        dtype = self.spec.dtype
-        bits = _aligned_host(self.spec.chunk_shape(padded), dtype)
-        staging = bits.view(dtype.numpy_dtype)
-        for start, obj in chunks:
-            piece = obj.as_numpy() if self.host else obj.clone("numpy")
-            copy_engine.copy(staging[:, :, start : start + obj.num_tokens], piece)
-        return self._kernels.scatter(self.kv_caches, self.spec, self.table, 0, staging, total)
-
-
-def _aligned_host(shape: tuple[int, ...], dtype: DTypeSpec) -> np.ndarray:
-    """A new host array of ``dtype``'s bits, 256-byte aligned (JAX aliases only aligned host memory)."""
-    nbytes = math.prod(shape) * dtype.itemsize
-    raw = np.empty(nbytes + 256, dtype=np.uint8)
-    start = (-raw.ctypes.data) % 256
-    return raw[start : start + nbytes].view(dtype.bits_dtype).reshape(shape)
+        pieces = [(start, obj.as_numpy() if self.host else obj.clone("numpy")) for start, obj in chunks]
+        return self._kernels.scatter_pieces(
+            self.kv_caches, self.spec, self.table, pieces, bucket=self.chunk_size
+        )
 
 
 __all__ = [

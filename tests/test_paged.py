@@ -22,11 +22,17 @@ from lmcache.errors import BackendUnavailableError, ChunkShapeError, ChunkTypeEr
 from lmcache.paged import PagedSpec, block_table, describe, kernels, row_index, row_tokens
 from pagedtest import FRAMEWORK_LAYOUTS, Paged, assert_same, host_bits, random_src
 
+# JAX caches on the CPU are written in place by numpy; "jax-xla" runs the same cases through XLA's
+# scatter, the path of every other platform.
+XLA_LAYOUTS = [(framework, layout, "xla") for framework, layout in FRAMEWORK_LAYOUTS if framework == "jax"]
 
-@pytest.fixture(params=FRAMEWORK_LAYOUTS, ids=lambda p: f"{p[0]}-{p[1]}")
-def framework_layout(request: pytest.FixtureRequest) -> tuple[str, str]:
+
+@pytest.fixture(params=[*FRAMEWORK_LAYOUTS, *XLA_LAYOUTS], ids=lambda p: "-".join((p[0], *p[2:], p[1])))
+def framework_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     require(request.param[0])
-    return request.param  # type: ignore[no-any-return]
+    if request.param[2:] == ("xla",):
+        monkeypatch.setattr(kernels("jax"), "_host_writable", lambda caches, spec: False)
+    return request.param[0], request.param[1]
 
 
 # -- the arithmetic (numpy only) ---------------------------------------------------------------------
@@ -255,10 +261,31 @@ def test_jax_scatter_donates_the_cache() -> None:
     jax = require("jax")
     paged = Paged("jax", "interleaved", (2, 2, 4, 4, 2, 8))
     before = list(paged.caches)
+    addresses = [x.unsafe_buffer_pointer() for x in before]
     table = block_table([1, 3], 8, describe(before, "interleaved"))
+    assert kernels("jax").on_host(before, describe(before, "interleaved"))
     paged.scatter(table, 0, random_src(paged, 8, seed=0))
     assert all(isinstance(x, jax.Array) for x in paged.caches)
     assert all(x.is_deleted() for x in before)
+    # On the CPU the rows went into the cache's own buffers: no copy of the cache was made.
+    assert [x.unsafe_buffer_pointer() for x in paged.caches] == addresses
+    assert_same(paged)
+
+
+def test_jax_in_place_scatter_waits_for_readers_of_the_cache() -> None:
+    jax = require("jax")
+    jnp = jax.numpy
+    paged = Paged("jax", "stacked", (2, 2, 64, 16, 8, 64), "float32")
+    spec = describe(paged.caches, "stacked")
+    table = block_table(np.arange(64), 1024, spec)
+    # A reduction over the whole cache, dispatched asynchronously and still running when the scatter
+    # starts: it must see the bytes from before the scatter.
+    expected = int(np.asarray(paged.caches).view(np.uint32).astype(np.uint64).sum()) % (1 << 32)
+    bits_sum = jax.jit(lambda c: jnp.sum(jax.lax.bitcast_convert_type(c, jnp.uint32), dtype=jnp.uint32))
+    total = bits_sum(paged.caches)
+    paged.scatter(table, 0, random_src(paged, 1024, seed=5))
+    assert int(total) == expected
+    assert int(bits_sum(paged.caches)) != expected  # the scatter did change the cache
     assert_same(paged)
 
 
@@ -302,4 +329,32 @@ def test_torch_rows_of_misaligned_tensors() -> None:
     paged.caches = shifted
     src = random_src(paged, 12, seed=5)
     paged.scatter(table, 0, src)
+    assert_same(paged)
+
+
+@pytest.mark.parametrize("path", ["in-place", "xla"])
+@pytest.mark.parametrize("layout", ["stacked", "interleaved"])
+def test_jax_scatter_pieces_writes_each_piece(
+    layout: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    require("jax")
+    module = kernels("jax")
+    if path == "xla":
+        monkeypatch.setattr(module, "_host_writable", lambda caches, spec: False)
+    paged = Paged("jax", layout, (2, 2, 12, 4, 2, 8))
+    spec = describe(paged.caches, layout)
+    table = block_table(np.random.default_rng(2).permutation(12), 30, spec)
+    pieces = [
+        (0, random_src(paged, 12, seed=1)),
+        (12, random_src(paged, 12, seed=2)),
+        (24, random_src(paged, 6, seed=3)),
+    ]
+    # Strided pieces, as slots of a pool with a longer token axis would be.
+    pieces[1] = (12, np.concatenate([pieces[1][1], pieces[1][1]], axis=2)[:, :, :12])
+    typed = [(start, bits.view(spec.dtype.numpy_dtype)) for start, bits in pieces]
+    paged.caches = module.scatter_pieces(paged.caches, spec, table, typed, bucket=16)
+    for start, bits in pieces:
+        paged.ref_scatter(table, start, bits)
+    assert_same(paged)
+    paged.caches = module.scatter_pieces(paged.caches, spec, table, [])  # nothing to write: unchanged
     assert_same(paged)

@@ -12,11 +12,19 @@ Two facts shape the code:
   the program), so every dtype moves at memory speed and byte-exact.
 * The scatter donates the cache, so XLA writes the rows in place instead of copying the whole cache; the
   caller's input arrays are invalid afterwards and the returned ones replace them.
+* XLA:CPU's scatter moves 32 KiB rows at a quarter to two thirds of a copy's speed (single-threaded, and
+  slower still when the machine is busy). On the CPU the scatter therefore writes the rows with numpy,
+  one task per layer on the copy engine, into the cache's own buffers: a donating identity
+  (:func:`_own`) first takes the buffers over, which waits for every computation still reading them (as
+  XLA's donation does), and returns new arrays that nothing else references, so no reader races the
+  writes. Caches on other platforms and sharded ones take XLA's scatter.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -24,6 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lmcache import copy_engine
+from lmcache.dlpack import DLPackView
+from lmcache.dtypes import KV_DTYPES
 from lmcache.errors import ChunkShapeError
 from lmcache.paged import PagedSpec, row_index, row_tokens
 from lmcache_jax import ADAPTER
@@ -89,7 +100,8 @@ def _check_layout(spec: PagedSpec) -> None:
 def gather(
     kv_caches: Any, spec: PagedSpec, table: np.ndarray, start: int, count: int, *, bucket: int = 1
 ) -> Any:
-    """Gather tokens ``start .. start+count-1`` of a request from its blocks, in one jitted call.
+    """Gather tokens ``start .. start+count-1`` of a request from its blocks, in one jitted call (on the
+    CPU: numpy tasks on the copy engine into new host memory, which the returned arrays alias).
 
     Args:
         kv_caches: the paged cache (``"stacked"`` array or ``"interleaved"`` list), as ``spec`` describes.
@@ -112,7 +124,66 @@ def gather(
     rows = np.zeros(m // g, np.int32)
     rows[:used] = row_index(table, spec.block_size, start, used * g, g)
     caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
+    if _host_writable(caches, spec):  # on the CPU: numpy into new host memory that the result aliases
+        out = _aligned_host(spec.chunk_shape(m), spec)
+        gather_into(caches, spec, table, start, out[:, :, : used * g])
+        if spec.layout == "stacked":
+            return _to_device(out, spec, caches)
+        return [_to_device(layer, spec, caches[0]) for layer in out]
     return _gather(caches, jnp.asarray(rows), layout=spec.layout, g=g)
+
+
+def _aligned_host(shape: tuple[int, ...], spec: PagedSpec) -> np.ndarray:
+    """A new host array of the cache's dtype, 256-byte aligned (JAX aliases only aligned host memory)."""
+    nbytes = math.prod(shape) * spec.dtype.itemsize
+    raw = np.empty(nbytes + 256, dtype=np.uint8)
+    offset = (-raw.ctypes.data) % 256
+    return raw[offset : offset + nbytes].view(spec.dtype.numpy_dtype).reshape(shape)
+
+
+def gather_into(kv_caches: Any, spec: PagedSpec, table: np.ndarray, start: int, dst: np.ndarray) -> None:
+    """Copy tokens ``start .. start + n - 1`` of a request into host memory ``dst`` (``(L, K, n, H, D)`` of
+    the cache's dtype, such as a pool slot's view), straight from the cache's buffers: one copy-engine task
+    per layer, no XLA program and no intermediate array. Only for caches where :func:`on_host` holds (the
+    cache is read, never written, so readers need no ownership; :func:`jax.Array` buffers are immutable
+    while an array refers to them).
+    """
+    _check_layout(spec)
+    n = dst.shape[2]
+    g = math.gcd(spec.block_size, start, n)
+    rows = row_index(table, spec.block_size, start, n, g)
+    bits = spec.dtype.bits_dtype
+    out = dst.view(bits)
+    tokens = spec.num_blocks * spec.block_size
+    if spec.layout == "stacked":
+        whole = _read_bits(kv_caches, bits)  # zero-copy on the CPU (on_host checked it)
+        width = g * spec.token_elems
+        tasks = [
+            partial(_read_rows, whole[layer, k].reshape(tokens // g, width), rows, out[layer, k], width)
+            for layer in range(spec.num_layers)
+            for k in range(spec.kv)
+        ]
+    else:
+        heads, d = spec.num_kv_heads, spec.head_size
+        tasks = []
+        for layer, array in enumerate(kv_caches):
+            cache = _read_bits(array, bits).reshape(tokens // g, g * 2 * heads * d)
+            target = out[layer].reshape(2, rows.shape[0], g, heads, d)
+            tasks.append(partial(_read_interleaved, cache, rows, target))
+    copy_engine.run(tasks)
+
+
+def _read_interleaved(cache: np.ndarray, rows: np.ndarray, target: np.ndarray) -> None:
+    """Rows of an interleaved layer (whole rows first: memcpy-speed, into a cache-sized buffer), then
+    regrouped by K / V (head ``2h + k`` -> ``(k, token, h)``): numpy copies both at memory speed, where
+    one strided ``take`` moves element by element."""
+    _, n_rows, g, heads, d = target.shape
+    rows_first = np.take(cache, rows, axis=0, mode="clip").reshape(n_rows, g, heads, 2, d)
+    target[...] = rows_first.transpose(3, 0, 1, 2, 4)
+
+
+def _read_rows(cache: np.ndarray, rows: np.ndarray, dst: np.ndarray, width: int) -> None:
+    np.take(cache, rows, axis=0, out=dst.reshape(rows.shape[0], width), mode="clip")
 
 
 def scatter(kv_caches: Any, spec: PagedSpec, table: np.ndarray, start: int, src: Any, count: int) -> Any:
@@ -150,9 +221,139 @@ def scatter(kv_caches: Any, spec: PagedSpec, table: np.ndarray, start: int, src:
     rows = spec.num_blocks * spec.block_size // g + np.arange(rows_total, dtype=np.int64)  # dropped
     rows[: count // g] = row_index(table, spec.block_size, start, count, g)
     caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
+    if _host_writable(caches, spec):
+        return scatter_pieces(caches, spec, table, [(start, _host_source(src, spec)[:, :, :count])])
     if isinstance(src, np.ndarray):
         src = _to_device(src, spec, caches if spec.layout == "stacked" else caches[0])
     return _scatter(caches, jnp.asarray(rows.astype(np.int32)), src, layout=spec.layout, g=g)
+
+
+def scatter_pieces(
+    kv_caches: Any, spec: PagedSpec, table: np.ndarray, pieces: Sequence[tuple[int, Any]], *, bucket: int = 1
+) -> Any:
+    """Write host arrays into a request's tokens: each piece ``(start, array)`` covers tokens ``start ..
+    start + n - 1``, ``array`` being ``(L, K, n, H, D)`` of the cache's dtype (any strides).
+
+    Donates ``kv_caches`` like :func:`scatter`. On the CPU (:func:`on_host`) the pieces go straight
+    into the cache's buffers, one copy-engine task per layer; elsewhere they are staged in one host array
+    (its length rounded up to ``bucket``, so that lengths share compiled programs) and written by
+    :func:`scatter`. :meth:`lmcache.paged.PagedRequest.scatter_chunks` hands it the slots of a cached
+    prefix.
+
+    Returns:
+        The new paged cache: one array (``"stacked"``) or a list (``"interleaved"``).
+    """
+    _check_layout(spec)
+    caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
+    if not pieces:
+        return caches
+    if not _host_writable(caches, spec):
+        total = max(start + piece.shape[2] for start, piece in pieces)
+        staging = np.empty(spec.chunk_shape(-(-total // bucket) * bucket), spec.dtype.numpy_dtype)
+        for start, piece in pieces:
+            copy_engine.copy(staging[:, :, start : start + piece.shape[2]], piece)
+        return scatter(caches, spec, table, 0, staging, total)
+    bits = spec.dtype.bits_dtype
+    placed = []
+    for start, piece in pieces:
+        n = piece.shape[2]
+        g = math.gcd(spec.block_size, start, n)
+        placed.append((row_index(table, spec.block_size, start, n, g), g, np.asarray(piece).view(bits)))
+    owned = _own([caches] if spec.layout == "stacked" else caches)
+    jax.block_until_ready(owned)  # type: ignore[no-untyped-call]
+    tokens = spec.num_blocks * spec.block_size
+    if spec.layout == "stacked":
+        whole = _writable_bits(owned[0], bits)
+        write = partial(_write_stacked, placed=placed, tokens=tokens, width=spec.token_elems)
+        copy_engine.run([partial(write, whole[layer], layer) for layer in range(spec.num_layers)])
+        return owned[0]
+    write = partial(_write_interleaved, placed=placed, tokens=tokens, spec=spec)
+    copy_engine.run([partial(write, _writable_bits(array, bits), layer) for layer, array in enumerate(owned)])
+    return owned
+
+
+def on_host(kv_caches: Any, spec: PagedSpec) -> bool:
+    """Whether this module moves the cache's bytes with numpy on the host (:func:`gather_into`, and
+    :func:`scatter` into the cache's own buffers; see the module notes), not with XLA."""
+    return _host_writable(kv_caches if spec.layout == "stacked" else list(kv_caches), spec)
+
+
+def _host_writable(caches: Any, spec: PagedSpec) -> bool:
+    for array in [caches] if spec.layout == "stacked" else caches:
+        if not isinstance(array, jax.Array) or array.is_deleted() or len(array.devices()) != 1:
+            return False
+        if next(iter(array.devices())).platform != "cpu" or not array.is_fully_addressable:
+            return False
+        try:
+            readable = _read_bits(array, spec.dtype.bits_dtype)
+        except (BufferError, RuntimeError, TypeError, ValueError):
+            return False  # no host view of it: XLA moves it
+        dense = readable.ctypes.data == array.unsafe_buffer_pointer() and readable.flags.c_contiguous
+        del readable  # its external reference would make the buffer impossible to donate
+        if not dense:  # a custom layout: XLA moves it
+            return False
+    return True
+
+
+def _host_source(src: Any, spec: PagedSpec) -> np.ndarray:
+    """``src`` as a host numpy array of the cache's dtype: itself, a view of a CPU JAX array's memory, or
+    (another device) a copy."""
+    if isinstance(src, np.ndarray):
+        return src
+    devices = src.devices() if isinstance(src, jax.Array) else set()
+    if len(devices) == 1 and next(iter(devices)).platform == "cpu":
+        return _read_bits(src, spec.dtype.bits_dtype).view(spec.dtype.numpy_dtype)
+    return np.asarray(jax.device_get(src))
+
+
+#: A DLPack-known element type of each item size, for exporting a JAX array's bits to numpy.
+_SAME_SIZE = {1: "uint8", 2: "float16", 4: "float32"}
+
+
+def _read_bits(array: jax.Array, bits: Any) -> np.ndarray:
+    """A read-only numpy view of a CPU array's bits through DLPack (retyped, since numpy has no bfloat16
+    or float8 DLPack type). It holds an external reference to the buffer only while it lives; never
+    ``np.asarray``, which caches its view in the array, after which XLA can never donate the buffer and
+    every donating call copies the whole cache."""
+    view: np.ndarray = np.from_dlpack(DLPackView(array, KV_DTYPES[_SAME_SIZE[array.dtype.itemsize]]))
+    return view.view(bits)
+
+
+@partial(jax.jit, donate_argnums=(0,))
+def _own(arrays: list[jax.Array]) -> list[jax.Array]:
+    """The same buffers as new arrays (donated, so XLA first waits for every reader of the old ones)."""
+    return arrays
+
+
+def _writable_bits(array: jax.Array, bits: Any) -> np.ndarray:
+    """A writable numpy view of the bits of a dense CPU array that this module owns (from :func:`_own`;
+    :func:`_host_writable` checked the layout before the donation, which keeps it)."""
+    nbytes = array.size * array.dtype.itemsize
+    raw = memoryview((ctypes.c_char * nbytes).from_address(array.unsafe_buffer_pointer())).cast("B")
+    writable: np.ndarray = np.frombuffer(raw, dtype=bits).reshape(array.shape)
+    return writable
+
+
+def _write_stacked(cache: np.ndarray, layer: int, *, placed: list[Any], tokens: int, width: int) -> None:
+    """Write every piece's tokens of one layer into a stacked cache's layer (``(K, B, S, H, D)`` bits)."""
+    for rows, g, piece in placed:
+        target = cache.reshape(cache.shape[0], tokens // g, g * width)
+        for k in range(target.shape[0]):
+            target[k, rows] = piece[layer, k].reshape(rows.shape[0], g * width)
+
+
+def _write_interleaved(
+    cache: np.ndarray, layer: int, *, placed: list[Any], tokens: int, spec: PagedSpec
+) -> None:
+    """Write every piece's tokens of one layer into an interleaved layer (``(B, S, 2H, D)`` bits, head
+    ``2h + k`` holding K (``k = 0``) or V of head ``h``)."""
+    heads, d = spec.num_kv_heads, spec.head_size
+    for rows, g, piece in placed:
+        target = cache.reshape(tokens // g, g, heads, 2, d)
+        source = piece[layer].reshape(2, rows.shape[0], g, heads, d)
+        # (k, token, h) -> (token, head 2h + k), regrouped first into a cache-sized buffer: whole rows
+        # then go in at memcpy speed.
+        target[rows] = np.ascontiguousarray(source.transpose(1, 2, 3, 0, 4))
 
 
 def _to_device(src: np.ndarray, spec: PagedSpec, like: Any) -> jax.Array:
@@ -170,4 +371,4 @@ def stack_layers(layers: list[jax.Array]) -> jax.Array:
     return jnp.stack(layers)
 
 
-__all__ = ["gather", "scatter", "stack_layers"]
+__all__ = ["gather", "gather_into", "scatter", "scatter_pieces", "stack_layers", "on_host"]
