@@ -3,6 +3,9 @@
 sglang-jax is pinned to commit cddbf6f1 of github.com/sgl-project/sglang-jax (PyPI's sglang-jax 0.0.2
 predates the host pool). The "device" KV buffers are JAX CPU arrays in sglang-jax's per-layer layout
 ``(pages, page_size, 2 * num_kv_heads, head_dim)`` (fused K/V); a layer of an entry is its padded pages.
+
+The HiCache role (LMCacheLRUHostKVPool) runs under sglang-jax's own device pool (MHATokenToKVPool),
+HiCacheController, UnifiedRadixCache and init_hicache, on JAX's CPU.
 """
 
 from __future__ import annotations
@@ -561,3 +564,46 @@ def test_hicache_pool_state_machine() -> None:
         max_examples=30, stateful_step_count=25, deadline=None, suppress_health_check=[HealthCheck.too_slow]
     )
     runner().runTest()
+
+
+def test_init_hicache_builds_our_pool_when_swapped_in(monkeypatch: pytest.MonkeyPatch) -> None:
+    """sglang-jax's own wiring (kv_cache_builder.init_hicache, what --hicache-storage none runs) builds
+    LMCacheLRUHostKVPool once it stands in sgl_jax.srt.mem_cache.host_kv_pool.LRUHostKVPool, sized by
+    --hicache-ratio, and the radix cache's evict_host frees its pages."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+    from sgl_jax.srt.mem_cache import host_kv_pool
+    from sgl_jax.srt.mem_cache.allocator import TokenToKVPoolAllocator
+    from sgl_jax.srt.mem_cache.kv_cache_builder import init_hicache
+    from sgl_jax.srt.mem_cache.memory_pool import ReqToTokenPool
+    from sgl_jax.srt.mem_cache.unified_radix_cache import UnifiedRadixCache
+
+    from lmcache_sglang_jax import LMCacheLRUHostKVPool
+
+    device_pool = _device_pool("bfloat16", 1, pages=32)
+    allocator = TokenToKVPoolAllocator(size=32, kvcache=device_pool, dp_size=1)
+    jax.sharding.set_mesh(device_pool.mesh)
+    cache = UnifiedRadixCache(
+        req_to_token_pool=ReqToTokenPool(size=8, max_context_len=64, dtype=np.int32),
+        token_to_kv_pool_allocator=allocator,
+        page_size=1,
+        kv_head_num=2,
+        head_dim=16,
+        layer_num=2,
+        max_seq_len=64,
+        dtype=jnp.bfloat16,
+    )
+    monkeypatch.setattr(host_kv_pool, "LRUHostKVPool", LMCacheLRUHostKVPool)
+    args = types.SimpleNamespace(
+        hicache_ratio=0.5, hicache_write_through_threshold=1, hicache_write_policy="write_through"
+    )
+    init_hicache(cache, args, device_pool.mesh, allocator)
+    try:
+        assert isinstance(cache.host_pool, LMCacheLRUHostKVPool)
+        assert cache.host_pool.total_size() == 16  # 0.5 x 32 tokens / page_size 1
+        assert cache.evict_host(1) == 0  # nothing backed up yet: nothing to evict
+    finally:
+        cache.hicache_controller.shutdown()
+        cache.host_pool.close()
