@@ -270,7 +270,7 @@ def _device_pool(dtype: str, page_size: int, pages: int = 8, layer_num: int = 2)
     )
 
 
-def _hicache_pool(device_pool: Any, pool_size: int = 4) -> Any:
+def _hicache_pool(device_pool: Any, pool_size: int = 4, host_memory_kind: str = "auto") -> Any:
     from lmcache_sglang_jax import LMCacheLRUHostKVPool
 
     return LMCacheLRUHostKVPool(
@@ -282,6 +282,7 @@ def _hicache_pool(device_pool: Any, pool_size: int = 4) -> Any:
         dtype=device_pool.dtype,
         mesh=device_pool.mesh,
         partition_spec=device_pool.kv_sharding.spec,
+        host_memory_kind=host_memory_kind,
     )
 
 
@@ -308,16 +309,25 @@ def _page_bits(device_pool: Any, page: int) -> list[np.ndarray]:
     return [_bits(device_pool.kv_buffer[layer][page]) for layer in range(device_pool.layer_num)]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
-@pytest.mark.parametrize("page_size", [1, 4])
-def test_hicache_device_host_device_bytes_exact(dtype: str, page_size: int) -> None:
+@pytest.mark.parametrize(
+    ("dtype", "page_size", "kind"),
+    [
+        ("bfloat16", 1, "auto"),
+        ("bfloat16", 4, "auto"),
+        ("float32", 1, "auto"),
+        ("float32", 4, "auto"),
+        ("bfloat16", 4, "pinned_host"),
+    ],
+)
+def test_hicache_device_host_device_bytes_exact(dtype: str, page_size: int, kind: str) -> None:
     """Through sglang-jax's interface: HiCacheController.write backs device pages up into host pages,
     whose bytes are then in the LMCache slots; load puts them back into other device pages bit-exactly,
     and no other device page changes."""
     from sgl_jax.srt.mem_cache.hicache_controller import HiCacheController
 
     device_pool = _device_pool(dtype, page_size)
-    pool = _hicache_pool(device_pool, pool_size=4)
+    pool = _hicache_pool(device_pool, pool_size=4, host_memory_kind=kind)
+    assert pool.memory_kind == ("pinned_host" if kind == "pinned_host" else "default")  # JAX's CPU
     ctrl = HiCacheController(pool, device_pool)
     try:
         srcs, dsts = [1, 2, 3], [5, 6, 7]
@@ -346,16 +356,20 @@ def test_hicache_pool_is_a_host_kv_pool_on_lmcache_memory() -> None:
     import jax
     from sgl_jax.srt.mem_cache.host_kv_pool import HostKVPool
 
-    pool = _hicache_pool(_device_pool("bfloat16", 1), pool_size=3)
+    from lmcache.errors import ConfigError
+
+    device_pool = _device_pool("bfloat16", 1)
+    pool = _hicache_pool(device_pool, pool_size=3)
     assert isinstance(pool, HostKVPool)
     assert pool.total_size() == pool.available_size() == 3
-    has_pinned = any(
-        "pinned_host" in {m.kind for m in d.addressable_memories()}
-        for d in jax.devices()
-        if d.platform in ("gpu", "cuda", "rocm")
-    )
-    assert pool.pinned == has_pinned
+    device = jax.devices()[0]
+    on_accelerator = device.platform != "cpu" and "pinned_host" in {
+        m.kind for m in device.addressable_memories()
+    }
+    assert pool.memory_kind == ("pinned_host" if on_accelerator else "default")
     pool.close()
+    with pytest.raises(ConfigError, match="host_memory_kind"):
+        _hicache_pool(device_pool, host_memory_kind="unpinned_host")
 
 
 def test_hicache_lifecycle_errors_are_the_projects_and_change_nothing() -> None:

@@ -104,6 +104,33 @@ def _scatter_one_layer(buf: jax.Array, page_indices: jax.Array, pages: jax.Array
     return jax.lax.bitcast_convert_type(bits, buf.dtype)
 
 
+#: Where the host pages live: ``"auto"`` is ``pinned_host`` when the device pool's buffers are on an
+#: accelerator that offers it (a TPU or GPU) and the default host memory on the CPU.
+HOST_MEMORY_KINDS = ("auto", "pinned_host", "default")
+
+
+class _JaxOwnedBytes:
+    """Host memory that a JAX array owns, exposed to numpy with the owner attached (numpy keeps this
+    object as the base of every view, so the arena's views keep the JAX allocation alive)."""
+
+    def __init__(self, owner: jax.Array, address: int, nbytes: int) -> None:
+        self.owner = owner
+        self.__array_interface__ = {
+            "data": (address, False),
+            "shape": (nbytes,),
+            "typestr": "|u1",
+            "version": 3,
+        }
+
+
+def _pinned_host_bytes(device: Any, nbytes: int) -> np.ndarray:
+    """``nbytes`` of JAX ``pinned_host`` memory of ``device``, as a 1-D ``uint8`` numpy array."""
+    sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    owner = jax.device_put(np.zeros(nbytes, dtype=np.uint8), sharding)
+    owner.block_until_ready()
+    return np.asarray(_JaxOwnedBytes(owner, owner.unsafe_buffer_pointer(), nbytes))
+
+
 def _as_id(value: Any, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise InvalidHandleError(f"{what} must be an int, got {type(value).__name__}")
@@ -136,6 +163,8 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
         mesh, partition_spec: the device pool's mesh and ``kv_sharding.spec``: loaded pages are put on
             the device with the page axis dropped from that spec, gathered pages with it replicated.
         pool_name: a name for logs.
+        host_memory_kind: one of :data:`HOST_MEMORY_KINDS`; ``"pinned_host"`` asks for JAX's pinned
+            host memory of the device pool's first device even on the CPU (where it is plain memory).
 
     Raises:
         ConfigError: a size is not a positive int, the shape is empty, or the device pool's buffers are
@@ -156,6 +185,7 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
         partition_spec: Any,
         *,
         pool_name: str = "hicache",
+        host_memory_kind: str = "auto",
     ) -> None:
         for name, value in (("pool_size", pool_size), ("page_size", page_size), ("layer_num", layer_num)):
             if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
@@ -164,6 +194,10 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
         if not shape or any(d <= 0 for d in shape):
             raise ConfigError(
                 f"per_layer_shape must be a non-empty tuple of positive ints, got {per_layer_shape!r}"
+            )
+        if host_memory_kind not in HOST_MEMORY_KINDS:
+            raise ConfigError(
+                f"host_memory_kind must be one of {HOST_MEMORY_KINDS}, got {host_memory_kind!r}"
             )
         buffers = getattr(device_pool, "kv_buffer", None)
         if not isinstance(buffers, Sequence) or len(buffers) != layer_num:
@@ -217,8 +251,22 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
         ).slot_bytes
         # Half a slot of slack so that floor(budget / slot) is exactly pool_size despite float rounding.
         budget_gib = (self._pool_size + 0.5) * slot_bytes / 2**30
+        device = min(buffers[0].sharding.device_set, key=lambda d: d.id)
+        has_pinned = "pinned_host" in {m.kind for m in device.addressable_memories()}
+        if host_memory_kind == "pinned_host" and not has_pinned:
+            raise ConfigError(
+                f"host_memory_kind='pinned_host' but {device} has no pinned_host memory; pass 'auto'"
+            )
+        pin = host_memory_kind == "pinned_host" or (
+            host_memory_kind == "auto" and has_pinned and device.platform != "cpu"
+        )
+        memory = _pinned_host_bytes(device, slot_bytes * self._pool_size) if pin else None
+        self._memory_kind = "pinned_host" if pin else "default"
         self._pool = LocalCPUPool(
-            LMCacheMemPoolMetadata(self._kv_shape, self._dtype, budget_gib), backend="jax"
+            LMCacheMemPoolMetadata(self._kv_shape, self._dtype, budget_gib),
+            backend="jax",
+            pin_memory=False if pin else None,
+            memory=memory,
         )
         if self._pool.max_chunk_num != self._pool_size:
             self._pool.close()
@@ -510,9 +558,10 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
             return np.array(obj.as_numpy()).reshape(self._layer_num, *self._per_layer_shape)
 
     @property
-    def pinned(self) -> bool:
-        """Whether the host pages are in pinned (``pinned_host``) memory."""
-        return bool(self._pool.pinned)
+    def memory_kind(self) -> str:
+        """Where the host pages are: ``"pinned_host"`` (JAX's pinned host memory, adopted by the
+        LMCache pool) or ``"default"`` (the LMCache pool's own host arena)."""
+        return self._memory_kind
 
     def precompile_transfers(self, max_pages: int | None = None) -> None:
         """Compile the gather and scatter for every page bucket serving can reach, using device pages
