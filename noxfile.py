@@ -204,8 +204,9 @@ def sglang(session: nox.Session) -> None:
 # sglang-jax's host KV pool (sgl_jax.srt.mem_cache.host_kv_pool) is newer than its only PyPI release
 # (sglang-jax 0.0.2, October 2025, which has no host pool): the session installs the pinned commit from
 # GitHub, or from a checkout named by $SGLANG_JAX_SRC (the repository's python/ folder) where GitHub is out
-# of reach. --no-deps: the host pool imports only jax and numpy; sglang-jax's own host-pool test module
-# (vendored in tests/sglang_jax_upstream) also imports its device pool, which needs these three.
+# of reach. --no-deps: the host pool imports only jax and numpy; sglang-jax's own host-pool, HiCache
+# controller and HiCache end-to-end test modules (vendored in tests/sglang_jax_upstream) also import its
+# device pool, allocators and UnifiedRadixCache, which need these three.
 SGLANG_JAX_COMMIT = "cddbf6f1cc33cbdd453bd8f36ff7051cf46ca176"
 SGLANG_JAX_TEST_DEPS = ["psutil~=7.0.0", "pyzmq~=27.0.1", "fastapi~=0.116.1"]  # sglang-jax's own pins
 SGLANG_JAX = (

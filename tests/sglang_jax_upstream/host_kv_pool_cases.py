@@ -1,6 +1,6 @@
 # Vendored unchanged from sglang-jax commit cddbf6f1cc33cbdd453bd8f36ff7051cf46ca176
 # (python/sgl_jax/test/mem_cache/test_host_kv_pool.py, Apache-2.0, Copyright the SGLang team) for
-# tests/test_sglang_jax_adapter.py, which runs its PD-role cases against lmcache_sglang_jax. Not collected.
+# tests/test_sglang_jax_adapter.py, which runs its cases against lmcache_sglang_jax. Not collected.
 # SPDX-License-Identifier: Apache-2.0
 """Unit tests for :class:`LRUHostKVPool` (HiCache Stage 0), CPU-runnable.
 
