@@ -5,6 +5,10 @@
   only assume a correct policy run for every policy, the LRU-exact ones for ``LmcacheLRU``.
 * Loading: vLLM's factories resolve our classes by ``cache_policy_module_path`` and ``spec_module_path``.
 * The spec's manager: vLLM's lookup / store / load protocol, bytes exact through the slots it hands out.
+* The spec's worker: vLLM's own ``test_transfer`` (tests/v1/kv_offload/cpu/test_gpu_worker.py, vendored in
+  tests/vllm_upstream) with our worker in place of ``CPUOffloadingWorker``; bytes exact device -> cache ->
+  device through the worker and manager of two specs (vLLM's two roles), across groups, tensor-parallel
+  ranks and a spawned worker process sharing the host region.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import numpy as np
 import pytest
 
 from kvtest import require
+from vllmtest import kv_caches, store_in_child
 
 CLASSES = [
     "LmcacheLRU",
@@ -428,28 +433,6 @@ def test_policy_state_machine(vllm: Any) -> None:
 # -- the worker: device KV blocks <-> the cache's slots -------------------------------------------------
 
 
-def _kv_caches(pages: list[list[int]], num_blocks: int, seed: int) -> tuple[Any, list[Any]]:
-    """vLLM's CanonicalKVCaches over random int8 CPU tensors: one tensor per page size, grouped as
-    ``pages`` says (``pages[g]`` the page sizes of group g's tensors). Returns it and the tensors."""
-    import torch
-    from vllm.v1.kv_offload.base import CanonicalKVCacheRef, CanonicalKVCaches, CanonicalKVCacheTensor
-
-    generator = torch.Generator().manual_seed(seed)
-    tensors, refs = [], []
-    for group in pages:
-        group_refs = []
-        for page in group:
-            tensor = torch.randint(-128, 128, (num_blocks, page), dtype=torch.int8, generator=generator)
-            group_refs.append(CanonicalKVCacheRef(tensor_idx=len(tensors), page_size_bytes=page))
-            tensors.append(tensor)
-        refs.append(group_refs)
-    caches = CanonicalKVCaches(
-        tensors=[CanonicalKVCacheTensor(tensor=t, page_size_bytes=t.shape[1]) for t in tensors],
-        group_data_refs=refs,
-    )
-    return caches, tensors
-
-
 def _finish(worker: Any, job_id: int) -> Any:
     """Wait for ``job_id`` and return its TransferResult (the only one finished)."""
     worker.wait({job_id})
@@ -459,8 +442,11 @@ def _finish(worker: Any, job_id: int) -> Any:
     return results[0]
 
 
+@pytest.mark.parametrize("pages", [[[512, 256]], [[100, 37]]], ids=["aligned", "odd"])
 @pytest.mark.parametrize("blocks_per_chunk", [1, 3])
-def test_worker_round_trips_bytes_through_vllm_protocol(vllm: Any, blocks_per_chunk: int) -> None:
+def test_worker_round_trips_bytes_through_vllm_protocol(
+    vllm: Any, blocks_per_chunk: int, pages: list[list[int]]
+) -> None:
     """Blocks go device -> cache -> other device blocks bit-exactly, through the worker that vLLM's
     factory builds from the spec and the manager of a second spec (vLLM's two roles), with the specs
     pickled between them as vLLM's multiprocess executor sends them."""
@@ -469,11 +455,10 @@ def test_worker_round_trips_bytes_through_vllm_protocol(vllm: Any, blocks_per_ch
 
     from lmcache_vllm.worker import LmcacheOffloadingWorker
 
-    pages = [[512, 256]]
-    per_block = sum(pages[0])
+    per_block = sum(pages[0])  # "odd": pages no wider integer divides, copied byte by byte
     config = _config(8 * per_block * blocks_per_chunk, per_block, blocks_per_chunk=blocks_per_chunk)
     scheduler_spec, worker_spec = _spec_pair(vllm, config)
-    caches, tensors = _kv_caches(pages, num_blocks=32, seed=1)
+    caches, tensors = kv_caches(pages, num_blocks=32, seed=1)
     worker = worker_spec.get_worker(caches)  # vLLM registers the workers' KV caches first
     assert isinstance(worker, LmcacheOffloadingWorker)
     assert worker_spec.get_worker(caches) is worker
@@ -550,7 +535,7 @@ def test_worker_groups_skip_and_ranks(vllm: Any) -> None:
     specs = [OffloadingSpecFactory.create_spec(config) for config in configs]
     workers, all_tensors = [], []
     for rank, spec in enumerate(specs):
-        caches, tensors = _kv_caches(pages, num_blocks=16, seed=10 + rank)
+        caches, tensors = kv_caches(pages, num_blocks=16, seed=10 + rank)
         workers.append(spec.get_worker(caches))
         all_tensors.append(tensors)
     manager = OffloadingSpecFactory.create_spec(configs[0]).get_manager()
@@ -599,7 +584,7 @@ def test_worker_refuses_bad_specs_and_geometry(vllm: Any) -> None:
 
     from lmcache.errors import CacheInvariantError, ConfigError
 
-    caches, _ = _kv_caches([[256]], num_blocks=8, seed=0)
+    caches, _ = kv_caches([[256]], num_blocks=8, seed=0)
     with pytest.raises(ConfigError, match="worker_kv_bytes_per_block"):
         _spec(vllm, 8 * 256, 128).get_worker(caches)  # the spec says 128 bytes per block, the tensor 256
     spec = _spec(vllm, 4 * 256, 256)
@@ -633,20 +618,6 @@ def test_host_region_is_shared_and_checked(vllm: Any, tmp_path: Any) -> None:
     second.close()
 
 
-def _store_in_child(config: Any, store_spec: Any, src: list[int], pages: list[list[int]]) -> None:
-    """A worker process of vLLM's multiprocess executor: build the worker from the spec, store, exit."""
-    from vllm.v1.kv_offload.base import GPULoadStoreSpec
-    from vllm.v1.kv_offload.factory import OffloadingSpecFactory
-
-    caches, _ = _kv_caches(pages, num_blocks=16, seed=7)
-    worker = OffloadingSpecFactory.create_spec(config).get_worker(caches)
-    worker.submit_store(1, GPULoadStoreSpec(src, (len(src),), (0,)), store_spec)
-    worker.wait({1})
-    if not worker.get_finished()[0].success:
-        raise SystemExit(3)
-    worker.shutdown()
-
-
 def test_worker_in_another_process_shares_the_slots(vllm: Any) -> None:
     """vLLM's multiprocess layout: the scheduler's manager here, a worker in a spawned process storing
     into the slots the manager reserved; the bytes are in the manager's cache once the child exits, and
@@ -667,14 +638,14 @@ def test_worker_in_another_process_shares_the_slots(vllm: Any) -> None:
     assert out is not None
     src = [4, 1, 15, 6]
     child = multiprocessing.get_context("spawn").Process(
-        target=_store_in_child, args=(config, out.store_spec, src, pages)
+        target=store_in_child, args=(config, out.store_spec, src, pages)
     )
     child.start()
     child.join(240)
     assert child.exitcode == 0
     manager.complete_store(keys, ctx)
-    _, expected = _kv_caches(pages, num_blocks=16, seed=7)  # the child's tensors, made again
-    caches, tensors = _kv_caches(pages, num_blocks=16, seed=99)
+    _, expected = kv_caches(pages, num_blocks=16, seed=7)  # the child's tensors, made again
+    caches, tensors = kv_caches(pages, num_blocks=16, seed=99)
     worker = OffloadingSpecFactory.create_spec(config).get_worker(caches)
     load = manager.prepare_load(keys, ctx)
     dst = [0, 1, 2, 3]
