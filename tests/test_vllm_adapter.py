@@ -8,7 +8,9 @@
 * The spec's worker: vLLM's own ``test_transfer`` (tests/v1/kv_offload/cpu/test_gpu_worker.py, vendored in
   tests/vllm_upstream) with our worker in place of ``CPUOffloadingWorker``; bytes exact device -> cache ->
   device through the worker and manager of two specs (vLLM's two roles), across groups, tensor-parallel
-  ranks and a spawned worker process sharing the host region.
+  ranks and a spawned worker process sharing the host region; vLLM's own ``OffloadingConnectorWorker``
+  (helpers from its tests/v1/kv_connector/unit/offloading_connector/test_worker.py, vendored) running
+  store and load jobs through our spec.
 """
 
 from __future__ import annotations
@@ -711,3 +713,113 @@ def test_vllm_worker_transfer_cases(vllm: Any, monkeypatch: pytest.MonkeyPatch) 
                 )
                 runs += 1
     assert runs == 8
+
+
+def test_vllm_connector_worker_moves_blocks_through_our_spec(vllm: Any) -> None:
+    """vLLM's own worker-side connector (``OffloadingConnectorWorker``) with our spec: it canonicalizes
+    the KV caches that vLLM's model-runner allocation made (two layers of different page sizes in one
+    backing buffer, the layout of vLLM's ``test_register_kv_caches_uniform_type``), builds our worker
+    through ``spec.get_worker``, submits a store job and a load job from the connector metadata the
+    scheduler would send, and reports them done (``completed_jobs``, ``finished_recving``); the loaded
+    blocks equal the stored ones bit for bit, the others are untouched."""
+    import time
+
+    import torch
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import (
+        OffloadingConnectorMetadata,
+        TransferJob,
+    )
+    from vllm.distributed.kv_transfer.kv_connector.v1.offloading.worker import OffloadingConnectorWorker
+    from vllm.v1.kv_cache_interface import (
+        FullAttentionSpec,
+        KVCacheConfig,
+        KVCacheGroupSpec,
+        KVCacheTensor,
+        UniformTypeKVCacheSpecs,
+    )
+    from vllm.v1.kv_offload.base import GPULoadStoreSpec, ReqContext, make_offload_key
+    from vllm.v1.kv_offload.factory import OffloadingSpecFactory
+
+    from lmcache_vllm.worker import LmcacheOffloadingWorker
+
+    cases = importlib.import_module("vllm_upstream.connector_worker_cases")
+    block_size, num_blocks = cases.BLOCK_SIZE, cases.NUM_BLOCKS
+    layer_a, layer_b = "model.layers.0.self_attn", "model.layers.1.self_attn"
+    spec_a = FullAttentionSpec(block_size=block_size, num_kv_heads=4, head_size=64, dtype=torch.float16)
+    spec_b = FullAttentionSpec(block_size=block_size, num_kv_heads=8, head_size=64, dtype=torch.float16)
+    page_a, page_b = spec_a.page_size_bytes, spec_b.page_size_bytes
+    window = page_a + page_b
+    kv_cache_config = KVCacheConfig(
+        num_blocks=num_blocks,
+        kv_cache_tensors=[
+            KVCacheTensor(
+                size=window * num_blocks,
+                layers=[layer_a],
+                layer_stride=page_a * num_blocks,
+                block_stride=page_a,
+            ),
+            KVCacheTensor(
+                size=window * num_blocks,
+                layers=[layer_b],
+                layer_stride=page_b * num_blocks,
+                block_stride=page_b,
+                offset=page_a * num_blocks,
+            ),
+        ],
+        kv_cache_groups=[
+            KVCacheGroupSpec(
+                layer_names=[layer_a, layer_b],
+                kv_cache_spec=UniformTypeKVCacheSpecs(
+                    block_size=block_size, kv_cache_specs={layer_a: spec_a, layer_b: spec_b}
+                ),
+            )
+        ],
+    )
+    kv_caches = cases._allocate_kv_caches(kv_cache_config, [], device=torch.device("cpu"))
+    generator = torch.Generator().manual_seed(3)
+    for tensor in kv_caches.values():
+        bits = tensor.view(torch.int16)
+        bits.copy_(torch.randint(-(2**15), 2**15, bits.shape, dtype=torch.int16, generator=generator))
+    config = _config(8 * window, window)
+    connector = OffloadingConnectorWorker(
+        spec=OffloadingSpecFactory.create_spec(config),
+        vllm_config=cases._single_rank_vllm_config(4),
+        kv_cache_config=kv_cache_config,
+    )
+    connector.register_kv_caches(kv_caches)
+    assert isinstance(connector.worker, LmcacheOffloadingWorker)
+    manager = OffloadingSpecFactory.create_spec(config).get_manager()
+    ctx = ReqContext(req_id="req")
+    keys = [make_offload_key(bytes([i]), 0) for i in range(3)]
+    out = manager.prepare_store(keys, ctx)
+    assert out is not None
+    src, dst = [1, 4, 7], [0, 2, 9]
+    before = {name: tensor.view(torch.int16).clone() for name, tensor in kv_caches.items()}
+    store = TransferJob(req_id="req", src_spec=GPULoadStoreSpec(src, (3,), (0,)), dst_spec=out.store_spec)
+    connector.prepare_store_kv(OffloadingConnectorMetadata(load_jobs={}, store_jobs={5: store}))
+    connector.start_kv_transfers(OffloadingConnectorMetadata(load_jobs={}, store_jobs={}))
+    completed: dict[int, int] = {}
+    deadline = time.monotonic() + 30
+    while 5 not in completed and time.monotonic() < deadline:
+        assert connector.get_finished(set()) == (set(), set())
+        meta = connector.build_connector_worker_meta()
+        if meta is not None:
+            completed.update(meta.completed_jobs)
+    assert completed == {5: 1}
+    manager.complete_store(keys, ctx)
+    load = TransferJob(
+        req_id="req2", src_spec=manager.prepare_load(keys, ctx), dst_spec=GPULoadStoreSpec(dst, (3,), (0,))
+    )
+    connector.start_kv_transfers(OffloadingConnectorMetadata(load_jobs={6: load}, store_jobs={}))
+    received: set[str] = set()
+    while "req2" not in received and time.monotonic() < deadline:
+        received |= connector.get_finished(set())[1]
+    assert received == {"req2"}
+    manager.complete_load(keys, ctx)
+    untouched = [b for b in range(num_blocks) if b not in dst]
+    for name, tensor in kv_caches.items():
+        bits = tensor.view(torch.int16)
+        assert torch.equal(bits[dst], before[name][src])
+        assert torch.equal(bits[untouched], before[name][untouched])
+    connector.shutdown()
+    manager.shutdown()
