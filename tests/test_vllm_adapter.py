@@ -589,6 +589,11 @@ def test_worker_refuses_bad_specs_and_geometry(vllm: Any) -> None:
     caches, _ = kv_caches([[256]], num_blocks=8, seed=0)
     with pytest.raises(ConfigError, match="worker_kv_bytes_per_block"):
         _spec(vllm, 8 * 256, 128).get_worker(caches)  # the spec says 128 bytes per block, the tensor 256
+    bad_ref = dataclasses.replace(
+        caches, group_data_refs=[[dataclasses.replace(caches.group_data_refs[0][0], page_size_bytes=300)]]
+    )
+    with pytest.raises(ConfigError, match="page of 300 bytes"):
+        _spec(vllm, 8 * 256, 256).get_worker(bad_ref)
     spec = _spec(vllm, 4 * 256, 256)
     worker = spec.get_worker(caches)
     with pytest.raises(CacheInvariantError, match="host chunks"):

@@ -334,8 +334,8 @@ class LmcacheOffloadingWorker(OffloadingWorker):
         on_shutdown: called once by :meth:`shutdown`, after the copies stopped (releases the arena).
 
     Raises:
-        ConfigError: no KV tensor, a page size that is not positive, or tensors that do not fit in the
-            worker's part of a slot.
+        ConfigError: no KV tensor, a page size that is not positive, a layer reference to no tensor or
+            to more bytes than its tensor's page, or tensors that do not fit in the worker's part of a slot.
     """
 
     def __init__(
@@ -362,6 +362,16 @@ class LmcacheOffloadingWorker(OffloadingWorker):
                 f"{pages}) but worker_kv_bytes_per_block gives {worker_bytes}: the spec and the registered "
                 "KV caches disagree"
             )
+        for group, refs in enumerate(kv_caches.group_data_refs):
+            for ref in refs:
+                if (
+                    not 0 <= ref.tensor_idx < len(pages)
+                    or not 0 < ref.page_size_bytes <= pages[ref.tensor_idx]
+                ):
+                    raise ConfigError(
+                        f"KV cache group {group} refers to tensor {ref.tensor_idx} with a page of "
+                        f"{ref.page_size_bytes} bytes; the tensors' pages are {pages}"
+                    )
         self._on_shutdown = on_shutdown
         host = torch.from_numpy(arena).view(torch.int8)
         device_tensors: list[torch.Tensor] = []
