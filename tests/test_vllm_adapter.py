@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib
 import inspect
@@ -201,6 +202,19 @@ def test_evict_is_atomic_and_skips_protected(vllm: Any, class_name: str) -> None
     assert policy.get(keys[3]) is None
 
 
+#: The shared host regions of the engine ids _config made; removed after each test (a failed test
+#: skips its shutdowns, and its region would stay in /dev/shm).
+_REGIONS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _remove_regions() -> Any:
+    yield
+    while _REGIONS:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(_REGIONS.pop())
+
+
 def _config(
     cpu_bytes: int,
     block_bytes: int,
@@ -214,12 +228,16 @@ def _config(
 ) -> Any:
     """vLLM's OffloadingConfig for our spec, built by vLLM's own test helper; a fresh engine id (so a
     fresh shared host region) unless one is given."""
+    from lmcache_vllm.host_region import region_path
+
     offload_config = importlib.import_module("vllm_upstream.offload_config")
+    engine_id = engine_id or f"lmcache-test-{uuid.uuid4()}"
+    _REGIONS.append(region_path(engine_id))
     config = offload_config.make_offloading_config(
         spec_name="LmcacheOffloadingSpec",
         cpu_bytes_to_use=cpu_bytes,
         worker_kv_bytes_per_block=block_bytes,
-        engine_id=engine_id or f"lmcache-test-{uuid.uuid4()}",
+        engine_id=engine_id,
         blocks_per_chunk=blocks_per_chunk,
         rank=rank,
         world_size=world_size,
