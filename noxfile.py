@@ -127,7 +127,8 @@ VLLM_CUDA_STACK = {
 @nox.session(default=False)
 def vllm(session: nox.Session) -> None:
     """The vLLM adapter (lmcache_vllm) against vLLM 0.33.0 on the CPU torch: vLLM's own manager tests
-    with our policies, its factories loading our spec and policies, bytes exact through the manager.
+    with our policies, its worker test and its connector worker with our spec's worker, its factories
+    loading our spec and policies, bytes exact through the manager and the worker.
 
     Not in the default run: the install is about 3.5 GB.
     """

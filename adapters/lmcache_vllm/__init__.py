@@ -4,9 +4,12 @@ cache policies (tested with vLLM 0.33.0).
 * :mod:`lmcache_vllm.policy`: ``LmcacheLRU``, ``LmcacheAdaptive``, ... for
   ``{"eviction_policy": "LmcacheAdaptive", "cache_policy_module_path": "lmcache_vllm.policy"}``.
 * :mod:`lmcache_vllm.spec`: ``LmcacheOffloadingSpec`` for
-  ``{"spec_name": "LmcacheOffloadingSpec", "spec_module_path": "lmcache_vllm.spec", "cpu_bytes_to_use": N}``.
+  ``{"spec_name": "LmcacheOffloadingSpec", "spec_module_path": "lmcache_vllm.spec", "cpu_bytes_to_use": N}``:
+  its manager (scheduler side) keeps the chunks in a ``ChunkCache``, its worker
+  (:mod:`lmcache_vllm.worker`) copies KV blocks into and out of the cache's slots, both sides mapping one
+  host region (:mod:`lmcache_vllm.host_region`).
 
-Both submodules import vllm; this package's ``__init__`` does not.
+``policy``, ``spec`` and ``worker`` import vllm; ``host_region`` and this package's ``__init__`` do not.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ Load it through vLLM's ``OffloadingConnector``::
                                                 "cpu_bytes_to_use": 8 << 30})
 
 Extra keys it reads: ``cpu_bytes_to_use`` (required: the host pool's size in bytes), ``eviction_policy``
-(a name of :data:`lmcache.policies.POLICIES`, default ``"default"``) and ``namespace`` (seeds every key,
-default: the model name and dtype).
+(a name of :data:`lmcache.policies.POLICIES`, default ``"default"``), ``namespace`` (seeds every key,
+default: the model name, dtype and engine id) and ``host_region_path`` (the shared host region's file,
+default ``/dev/shm/lmcache_vllm_<hash of engine_id>``).
 
 The manager (scheduler side) keeps one pool chunk per vLLM offload chunk (``blocks_per_chunk`` blocks
 of ``worker_kv_bytes_per_block`` bytes for every worker), so the pool's chunk is a 1-token ``uint8``
@@ -18,17 +19,20 @@ offload key ``k`` is a one-chunk prompt of our cache, keyed ``blake2b(root + k)`
 namespace's root key): it chains from the root, and every cached chunk is a leaf of the prefix index,
 which then evicts any idle chunk under the policy, never a pinned one. Loads are leases (pinned until
 ``complete_load``), stores are :class:`~lmcache.chunk_cache.PendingStore` reservations (invisible
-until ``complete_store`` commits them); the load/store specs carry the slots' handles.
+until ``complete_store`` commits them); the load/store specs carry the slots' indices (and, in the
+scheduler's process, their handles).
 
-The worker side (device <-> host copies) is not implemented yet: :meth:`LmcacheOffloadingSpec.get_worker`
-raises ``NotImplementedError``.
+The worker side (:class:`~lmcache_vllm.worker.LmcacheOffloadingWorker`) copies device KV blocks into
+and out of those slots. vLLM runs the manager and the workers from different spec objects (and, with
+more than one worker, in different processes), so the pool's arena is a file in ``/dev/shm`` that both
+sides map (:mod:`lmcache_vllm.host_region`), as vLLM's own CPU tier shares its region.
 
 This module imports vllm; nothing else in the project imports it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from hashlib import blake2b
 from typing import Any
 
@@ -54,10 +58,13 @@ from lmcache.chunk_cache import ChunkCache, PendingStore
 from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import CacheInvariantError, ConfigError
 from lmcache.hostmem import GIB
+from lmcache.layout import SlotLayout
 from lmcache.policies import EvictionPolicy, make_policy
 from lmcache.policies.base import Key
 from lmcache.storage_backend.mem_pool import LocalCPUPool
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
+from lmcache_vllm.host_region import HostRegion, region_path
+from lmcache_vllm.worker import LmcacheOffloadingWorker
 
 
 class LmcacheLoadStoreSpec(CPULoadStoreSpec):
@@ -71,6 +78,12 @@ class LmcacheLoadStoreSpec(CPULoadStoreSpec):
         super().__init__([obj.chunk_idx for obj in objs])
         #: The slots' handles, one per key.
         self.objs: list[KVObj] = list(objs)
+
+    def __reduce__(self) -> tuple[type[CPULoadStoreSpec], tuple[list[int]]]:
+        """Pickle as a plain ``CPULoadStoreSpec`` of the slot indices: vLLM sends the spec from the
+        scheduler to its workers (pickled with ``MultiprocExecutor``), where the handles mean nothing;
+        the workers address slots by index in the shared arena."""
+        return CPULoadStoreSpec, (self.block_ids.tolist(),)
 
 
 class EvictionRecorder:
@@ -117,12 +130,20 @@ class LmcacheOffloadingManager(OffloadingManager):
     manager owns its cache and, with ``own_pool``, the cache's pool (closed by :meth:`shutdown`). The
     cache's policy must be an :class:`EvictionRecorder` (so evictions are reported); with
     ``enable_events`` the manager keeps vLLM's KV events (stores and removals) for :meth:`take_events`.
+    ``on_shutdown`` runs once at the end of :meth:`shutdown` (the spec releases the shared arena there).
 
     Raises:
         ConfigError: the cache's policy is not an :class:`EvictionRecorder`.
     """
 
-    def __init__(self, cache: ChunkCache, *, own_pool: bool = False, enable_events: bool = False) -> None:
+    def __init__(
+        self,
+        cache: ChunkCache,
+        *,
+        own_pool: bool = False,
+        enable_events: bool = False,
+        on_shutdown: Callable[[], None] | None = None,
+    ) -> None:
         recorder = cache.policy
         if not isinstance(recorder, EvictionRecorder):
             raise ConfigError(
@@ -132,6 +153,7 @@ class LmcacheOffloadingManager(OffloadingManager):
         self.cache = cache
         self._recorder = recorder
         self._own_pool = own_pool
+        self._on_shutdown = on_shutdown
         self._events: list[OffloadingEvent] | None = [] if enable_events else None
         self._resident: dict[bytes, OffloadKey] = {}  # committed chunks' cache keys -> offload keys
         self._root = root_key(cache.namespace)
@@ -281,13 +303,22 @@ class LmcacheOffloadingManager(OffloadingManager):
         self.cache.close()
         if self._own_pool:
             self.cache.pool.close()
+        if self._on_shutdown is not None:
+            on_shutdown, self._on_shutdown = self._on_shutdown, None
+            on_shutdown()
 
 
 class LmcacheOffloadingSpec(OffloadingSpec):
-    """vLLM's ``OffloadingSpec`` backed by a :class:`~lmcache.chunk_cache.ChunkCache` over a host pool.
+    """vLLM's ``OffloadingSpec`` backed by a :class:`~lmcache.chunk_cache.ChunkCache` over a host pool
+    whose arena both sides of vLLM map (:class:`~lmcache_vllm.host_region.HostRegion`).
+
+    vLLM builds one spec per connector role: the scheduler's calls :meth:`get_manager`, each worker's
+    :meth:`get_worker`. Both compute the same geometry from the same config (the pool's slots, their
+    stride, the region's file), so the manager's slot indices name the bytes the workers copy.
 
     Raises:
-        ConfigError: ``cpu_bytes_to_use`` is missing or not a positive int, or too small for one chunk.
+        ConfigError: ``cpu_bytes_to_use`` is missing or not a positive int, or too small for one chunk;
+            the canonical host layout was asked for (not supported).
     """
 
     def __init__(self, config: OffloadingConfig) -> None:
@@ -298,9 +329,15 @@ class LmcacheOffloadingSpec(OffloadingSpec):
             raise ConfigError(
                 f"kv_connector_extra_config['cpu_bytes_to_use'] must be a positive int of bytes, got {size!r}"
             )
-        per_block = config.worker_kv_bytes_per_block * max(config.parallel.world_size, 1)
+        if config.canonical_layout:
+            raise ConfigError(
+                "LmcacheOffloadingSpec keeps each worker's pages as they are (vLLM's direct layout); drop "
+                "the canonical layout option from kv_connector_extra_config"
+            )
+        #: Bytes of each chunk one worker owns: ``blocks_per_chunk`` of its blocks.
+        self.worker_bytes_per_chunk: int = config.worker_kv_bytes_per_block * self.blocks_per_chunk
         #: Bytes of one offload chunk (one pool chunk): ``blocks_per_chunk`` blocks of every worker.
-        self.kv_bytes_per_chunk: int = per_block * self.blocks_per_chunk
+        self.kv_bytes_per_chunk: int = self.worker_bytes_per_chunk * max(config.parallel.world_size, 1)
         if self.kv_bytes_per_chunk <= 0:
             raise ConfigError(
                 f"worker_kv_bytes_per_block ({config.worker_kv_bytes_per_block}) and blocks_per_chunk "
@@ -314,30 +351,74 @@ class LmcacheOffloadingSpec(OffloadingSpec):
         self.eviction_policy: str = str(extra.get("eviction_policy", "default"))
         default_namespace = f"{config.model.name}/{config.model.dtype}/{config.engine_id}"
         self.namespace: str = str(extra.get("namespace", default_namespace))
+        #: The pool's metadata: one ``uint8`` token of ``kv_bytes_per_chunk`` bytes per chunk.
+        self.pool_metadata = LMCacheMemPoolMetadata(
+            (1, 1, 1, 1, self.kv_bytes_per_chunk), "uint8", size / GIB
+        )
+        layout = SlotLayout.from_metadata(self.pool_metadata)
+        #: Bytes between two slots of the arena (the pool's ``size_per_chunk``).
+        self.slot_bytes: int = layout.slot_bytes
+        #: Slots in the arena (the pool's ``max_chunk_num``).
+        self.num_slots: int = self.pool_metadata.budget_bytes // layout.slot_bytes
+        if self.num_slots < 1:
+            raise ConfigError(
+                f"cpu_bytes_to_use ({size}) holds not one {self.slot_bytes}-byte slot (a chunk of "
+                f"{self.kv_bytes_per_chunk} bytes, aligned); raise it"
+            )
+        #: The shared host region's file (named after ``engine_id``; see :mod:`lmcache_vllm.host_region`).
+        self.region_path: str = str(extra.get("host_region_path", region_path(config.engine_id)))
         self._manager: LmcacheOffloadingManager | None = None
+        self._worker: LmcacheOffloadingWorker | None = None
+
+    def _open_region(self) -> HostRegion:
+        return HostRegion(self.region_path, self.num_slots * self.slot_bytes)
 
     def get_manager(self) -> OffloadingManager:
         if self._manager is None:
-            meta = LMCacheMemPoolMetadata(
-                (1, 1, 1, 1, self.kv_bytes_per_chunk), "uint8", self.cpu_bytes_to_use / GIB
-            )
-            pool = LocalCPUPool(meta, backend="numpy")
+            region = self._open_region()
             try:
+                pool = LocalCPUPool(self.pool_metadata, backend="numpy", memory=region.array)
+            except BaseException:
+                region.close()
+                raise
+            try:
+                if pool.max_chunk_num != self.num_slots or pool.size_per_chunk != self.slot_bytes:
+                    raise CacheInvariantError(
+                        f"the pool has {pool.max_chunk_num} slots of {pool.size_per_chunk} bytes, the "
+                        f"workers address {self.num_slots} of {self.slot_bytes}"
+                    )
                 policy = EvictionRecorder(make_policy(self.eviction_policy, pool.max_chunk_num))
                 cache = ChunkCache(pool, namespace=self.namespace, policy=policy)
             except BaseException:
                 pool.close()
+                region.close()
                 raise
             self._manager = LmcacheOffloadingManager(
-                cache, own_pool=True, enable_events=self.kv_events_config.enable_kv_cache_events
+                cache,
+                own_pool=True,
+                enable_events=self.kv_events_config.enable_kv_cache_events,
+                on_shutdown=region.close,
             )
         return self._manager
 
     def get_worker(self, kv_caches: CanonicalKVCaches) -> OffloadingWorker:
-        raise NotImplementedError(
-            "LmcacheOffloadingSpec runs the scheduler side only (get_manager); its worker (device <-> host "
-            "copies into the cache's slots) is not implemented yet. Use CPUOffloadingSpec for transfers."
-        )
+        if self._worker is None:
+            region = self._open_region()
+            try:
+                self._worker = LmcacheOffloadingWorker(
+                    kv_caches,
+                    region.array,
+                    num_slots=self.num_slots,
+                    slot_bytes=self.slot_bytes,
+                    worker_offset=self.config.parallel.rank * self.worker_bytes_per_chunk,
+                    worker_bytes=self.worker_bytes_per_chunk,
+                    blocks_per_chunk=self.blocks_per_chunk,
+                    on_shutdown=region.close,
+                )
+            except BaseException:
+                region.close()
+                raise
+        return self._worker
 
 
 def spec_config(cpu_bytes_to_use: int, **extra: Any) -> dict[str, Any]:
