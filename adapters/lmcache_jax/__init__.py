@@ -289,15 +289,19 @@ class _HostMemory:
         }
 
 
+def pinned_host_bytes(device: Any, nbytes: int) -> np.ndarray:
+    """``nbytes`` of JAX ``pinned_host`` memory of ``device`` (which must offer that memory kind), as a
+    1-D ``uint8`` numpy array whose views keep the owning JAX allocation alive."""
+    sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    owner = jax.device_put(np.zeros(nbytes, dtype=np.uint8), sharding).block_until_ready()
+    return np.asarray(_HostMemory(owner, owner.unsafe_buffer_pointer(), nbytes))
+
+
 def _pinned_host_arena(layout: SlotLayout, num_slots: int, device: Any) -> JaxCPUArena | None:
     """A CPU arena whose bytes JAX allocated in ``pinned_host`` memory of ``device``, or None."""
     if "pinned_host" not in {m.kind for m in device.addressable_memories()}:
         return None
-    sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    nbytes = layout.slot_bytes * num_slots
-    owner = jax.device_put(np.zeros(nbytes, dtype=np.uint8), sharding).block_until_ready()
-    host = np.asarray(_HostMemory(owner, owner.unsafe_buffer_pointer(), nbytes))
-    arena = JaxCPUArena(layout, num_slots, host=host)
+    arena = JaxCPUArena(layout, num_slots, host=pinned_host_bytes(device, layout.slot_bytes * num_slots))
     arena.pinned = True
     return arena
 
@@ -441,4 +445,12 @@ def gather_chunks(arena: jax.Array, chunk_idx: jax.Array, shape: tuple[int, ...]
 
 ADAPTER = JaxAdapter()
 
-__all__ = ["ADAPTER", "JaxAdapter", "JaxCPUArena", "JaxGPUArena", "gather_chunks", "jax_dtype"]
+__all__ = [
+    "ADAPTER",
+    "JaxAdapter",
+    "JaxCPUArena",
+    "JaxGPUArena",
+    "gather_chunks",
+    "jax_dtype",
+    "pinned_host_bytes",
+]

@@ -41,6 +41,7 @@ from lmcache.errors import (
 )
 from lmcache.layout import SlotLayout
 from lmcache.storage_backend.mem_pool import KVObj, LocalCPUPool
+from lmcache_jax import pinned_host_bytes
 
 logger = logging.getLogger(__name__)
 PartitionSpec: Any = _PartitionSpec  # untyped in jax's stubs
@@ -107,28 +108,6 @@ def _scatter_one_layer(buf: jax.Array, page_indices: jax.Array, pages: jax.Array
 #: Where the host pages live: ``"auto"`` is ``pinned_host`` when the device pool's buffers are on an
 #: accelerator that offers it (a TPU or GPU) and the default host memory on the CPU.
 HOST_MEMORY_KINDS = ("auto", "pinned_host", "default")
-
-
-class _JaxOwnedBytes:
-    """Host memory that a JAX array owns, exposed to numpy with the owner attached (numpy keeps this
-    object as the base of every view, so the arena's views keep the JAX allocation alive)."""
-
-    def __init__(self, owner: jax.Array, address: int, nbytes: int) -> None:
-        self.owner = owner
-        self.__array_interface__ = {
-            "data": (address, False),
-            "shape": (nbytes,),
-            "typestr": "|u1",
-            "version": 3,
-        }
-
-
-def _pinned_host_bytes(device: Any, nbytes: int) -> np.ndarray:
-    """``nbytes`` of JAX ``pinned_host`` memory of ``device``, as a 1-D ``uint8`` numpy array."""
-    sharding = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
-    owner = jax.device_put(np.zeros(nbytes, dtype=np.uint8), sharding)
-    owner.block_until_ready()
-    return np.asarray(_JaxOwnedBytes(owner, owner.unsafe_buffer_pointer(), nbytes))
 
 
 def _as_id(value: Any, what: str) -> int:
@@ -260,7 +239,7 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
         pin = host_memory_kind == "pinned_host" or (
             host_memory_kind == "auto" and has_pinned and device.platform != "cpu"
         )
-        memory = _pinned_host_bytes(device, slot_bytes * self._pool_size) if pin else None
+        memory = pinned_host_bytes(device, slot_bytes * self._pool_size) if pin else None
         self._memory_kind = "pinned_host" if pin else "default"
         self._pool = LocalCPUPool(
             LMCacheMemPoolMetadata(self._kv_shape, self._dtype, budget_gib),
