@@ -245,13 +245,27 @@ LMCACHE_IMPORT_DEPS = [
     "pyyaml",
     "cryptography",
 ]
+# What `lmcache server` imports besides (its HTTP frontend, ZMQ transport, token hasher, telemetry): the
+# session starts one with our adapter.
+LMCACHE_SERVER_DEPS = [
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "msgspec",
+    "pyzmq>=25.0.0",
+    "blake3",
+    "opentelemetry-api>=1.20.0,<=1.40.0",
+    "opentelemetry-sdk>=1.20.0",
+    "opentelemetry-exporter-otlp>=1.20.0",
+    "opentelemetry-exporter-prometheus>=0.50b0,<=0.61b0",
+]
 
 
 @nox.session(default=False)
 def lmcache_l2(session: nox.Session) -> None:
     """The LMCache adapter (lmcache_mempool_l2) against LMCache 0.5.6 on the CPU torch: LMCache's own
-    MockL2Adapter cases with our adapter, its plugin loader building ours, bytes exact through its L2
-    adapter interface.
+    MockL2Adapter and reference-plugin cases with our adapter, its plugin loader building ours, bytes exact
+    through its L2 adapter interface, and `lmcache server` started with it.
 
     Not in the default run: LMCache's import-time dependencies include numba.
     """
@@ -259,7 +273,7 @@ def lmcache_l2(session: nox.Session) -> None:
     torch_pin = session.create_tmp() + "/torch-constraint.txt"
     with open(torch_pin, "w") as pin:
         pin.write(TORCH[0] + "\n")
-    session.install("-c", torch_pin, *LMCACHE_IMPORT_DEPS, *TEST_DEPS)
+    session.install("-c", torch_pin, *LMCACHE_IMPORT_DEPS, *LMCACHE_SERVER_DEPS, *TEST_DEPS)
     session.install("-c", torch_pin, ".")
     session.install("--no-deps", "--force-reinstall", LMCACHE)
     env = {"LMCACHE_REQUIRE_BACKENDS": "lmcache.v1"}

@@ -69,9 +69,38 @@ if LMCACHE:  # LMCache's own cases: collected here, so they take this module's `
             assert isinstance(adapter, MempoolL2Adapter)
             assert adapter.pool.max_chunk_num == 2
 
+    @pytest.fixture
+    def _shared_adapter(self: Any, socket_path: str) -> Iterator[Any]:
+        """Our adapter over a shared host cache server (1 MiB of 4 KiB + 16-byte chunks) in this process."""
+        from lmcache.shared import CacheServer
+
+        with CacheServer(socket_path, _server_metadata(4096, 1 / 1024)):
+            made = _make(max_object_bytes=4096, socket_path=socket_path)
+            yield made
+            made.close()
+
+    # The same LMCache cases with the objects in a shared cache server; not its eviction class (delete and
+    # byte accounting: the server evicts for all its clients, see docs/engines-lmcache.md).
+    for _base in (
+        TestEventFdInterface,
+        TestStoreInterface,
+        TestLookupAndLockInterface,
+        TestUnlockInterface,
+        TestLoadInterface,
+        TestEndToEndWorkflow,
+    ):
+        _shared = type("TestShared" + _base.__name__[4:], (_base,), {"adapter": _shared_adapter})
+        globals()[_shared.__name__] = _shared
+
     for _name, _case in vars(plugin_cases.TestPluginRoundTrip).items():
         if _name.startswith("test_") and _name != "test_create_via_registry":
             setattr(TestMempoolPluginRoundTrip, _name, _case)
+
+
+def _server_metadata(max_object_bytes: int, gib: float) -> Any:
+    from lmcache.config import LMCacheMemPoolMetadata
+
+    return LMCacheMemPoolMetadata((1, 1, 1, 1, max_object_bytes + 16), "uint8", gib)
 
 
 PLUGIN = {"type": "plugin", "module_path": "lmcache_mempool_l2.adapter", "class_name": "MempoolL2Adapter"}
@@ -400,3 +429,108 @@ def test_mismatched_batches_and_closed_adapters_raise() -> None:
     adapter.close()
     with pytest.raises(ConfigError, match="closed"):
         adapter.submit_lookup_and_lock_task([_key(1)], {})
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_lmcache_server_builds_and_reports_our_adapter(tmp_path: Any) -> None:
+    """``lmcache server`` (LMCache's server mode, on this CPU) started with our ``--l2-adapter`` JSON: its
+    store and prefetch controllers run over our adapter, and its ``/status`` reports it healthy."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    import urllib.request
+
+    for module in ("fastapi", "uvicorn", "zmq", "msgspec", "blake3", "httpx"):
+        require(module)  # the server's own imports (the lmcache_l2 session installs them, and OpenTelemetry)
+    port, http_port = _free_port(), _free_port()
+    spec = {**PLUGIN, "adapter_params": {"max_object_bytes": 1 << 20, "cache_gib": 0.05}}
+    command = [sys.executable, "-c", "import sys; from lmcache.cli.main import main; sys.exit(main())"]
+    command += ["server", "--host", "127.0.0.1", "--port", str(port)]
+    command += ["--http-host", "127.0.0.1", "--http-port", str(http_port)]
+    command += ["--l1-size-gb", "0.05", "--eviction-policy", "LRU", "--chunk-size", "16"]
+    command += ["--l2-adapter", json.dumps(spec)]
+    log = tmp_path / "server.log"
+    env = {**os.environ, "LMCACHE_DISABLE_BANNER": "1", "LMCACHE_TRACK_USAGE": "false"}
+    with open(log, "w") as out:
+        server = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=tmp_path)
+    try:
+        status = None
+        deadline = time.monotonic() + 120
+        while status is None and time.monotonic() < deadline and server.poll() is None:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{http_port}/status", timeout=2) as reply:
+                    status = json.loads(reply.read())
+            except OSError:
+                time.sleep(0.5)
+        assert status is not None, log.read_text()[-4000:]
+        manager = status["storage_manager"]
+        (ours,) = manager["l2_adapters"]
+        assert ours["type"] == "MempoolL2Adapter"
+        assert ours["is_healthy"] is True
+        assert ours["slots"] == 51  # 0.05 GiB of 1 MiB + 16-byte slots
+        assert manager["store_controller"]["num_active_adapters"] == 1
+        assert manager["prefetch_controller"]["num_active_adapters"] == 1
+    finally:
+        server.send_signal(signal.SIGINT)
+        try:
+            server.wait(30)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait(10)
+
+
+def test_two_lmcache_servers_share_objects_through_one_cache_server(socket_path: str) -> None:
+    """Two adapters (two LMCache servers of a host) on one shared cache server: what one stores the other
+    loads bytes-exact; a lock taken by one keeps the object while the other's stores evict the rest."""
+    import torch
+
+    from lmcache.shared import CacheServer
+
+    with CacheServer(socket_path, _server_metadata(4080, 4 * 4096 / 2**30)):
+        writer = _make(max_object_bytes=4080, socket_path=socket_path)
+        reader = _make(max_object_bytes=4080, socket_path=socket_path)
+        assert not writer.supports_global_eviction  # the server evicts, for every client
+        rng = np.random.default_rng(3)
+        fills = [rng.integers(0, 256, 4080, dtype=np.uint8) for _ in range(4)]
+        keys = [_key(i) for i in range(4)]
+        assert _store(writer, keys, [_obj((4080,), torch.uint8, f) for f in fills]).is_successful()
+        assert _lookup(reader, keys) == [True] * 4
+        reader.submit_unlock(keys[1:])
+        dst = [_obj((4080,), torch.uint8) for _ in keys]
+        assert _load(reader, keys, dst) == [True] * 4
+        for got, want in zip(dst, fills, strict=True):
+            np.testing.assert_array_equal(_bits(got), want)
+        more = [_key(100 + i) for i in range(8)]
+        _store(writer, more, [_obj((4080,), torch.uint8) for _ in more])
+        assert _lookup(writer, keys) == [True, False, False, False]  # key 0: locked by the reader
+        writer.submit_unlock(keys[:1])
+        again = _obj((4080,), torch.uint8)
+        assert _load(writer, keys[:1], [again]) == [True]
+        np.testing.assert_array_equal(_bits(again), fills[0])
+        reader.submit_unlock(keys[:1])
+        assert reader.report_status()["locked_key_count"] == 0
+        writer.close()
+        reader.close()
+
+
+def test_shared_mode_refuses_a_server_of_another_layout_and_local_only_params(socket_path: str) -> None:
+    from lmcache.config import LMCacheMemPoolMetadata
+    from lmcache.errors import ConfigError
+    from lmcache.shared import CacheServer
+
+    with pytest.raises(ConfigError, match="do not apply with socket_path"):
+        _make(max_object_bytes=64, socket_path=socket_path, cache_gib=1)
+    other = LMCacheMemPoolMetadata((2, 2, 16, 2, 8), "bfloat16", 0.001)
+    with CacheServer(socket_path, other), pytest.raises(ConfigError, match="--kv-shape 1,1,1,1,80 --dtype"):
+        _make(max_object_bytes=64, socket_path=socket_path)
+    with CacheServer(socket_path, _server_metadata(32, 0.001)), pytest.raises(ConfigError, match="N >= 80"):
+        _make(max_object_bytes=64, socket_path=socket_path)

@@ -13,6 +13,11 @@ the ``MemoryObj``'s tensor, so any layout and dtype round-trips bit-exactly. Slo
 ``max_object_bytes`` plus the header; smaller objects (a last partial chunk, a smaller object group)
 take a whole slot.
 
+With ``socket_path``, the objects live in this project's shared host cache server
+(``python -m lmcache serve``, :mod:`lmcache.shared`) instead of this process: every LMCache server on the
+host that connects to it shares them (LMCache's ``shared`` L2 flag then says so), and the server's
+policy evicts for all of them.
+
 Tasks run on a thread pool (``num_workers``, default 2: LMCache's store and prefetch controllers call
 concurrently). ``submit_lookup_and_lock_task`` leases each found chunk (the cache never evicts a leased
 chunk) until ``submit_unlock`` of its key; a key locked twice needs two unlocks. Chunks the cache evicts
@@ -43,6 +48,7 @@ from lmcache.config import LMCacheMemPoolMetadata  # noqa: E402
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError  # noqa: E402
 from lmcache.lmcache_native import Bitmap  # noqa: E402
 from lmcache.policies import POLICIES  # noqa: E402
+from lmcache.shared import SharedChunkCache, connect  # noqa: E402
 from lmcache.storage_backend.mem_pool import LocalCPUPool  # noqa: E402
 from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey  # noqa: E402
 from lmcache.v1.distributed.internal_api import L2StoreResult  # noqa: E402
@@ -58,7 +64,7 @@ HEADER_BYTES = 16
 DEFAULT_CACHE_GIB = 1.0
 DEFAULT_NUM_WORKERS = 2
 #: ``adapter_params`` keys this adapter reads.
-OPTIONS = ("max_object_bytes", "cache_gib", "policy", "namespace", "num_workers")
+OPTIONS = ("max_object_bytes", "cache_gib", "policy", "namespace", "num_workers", "socket_path")
 
 
 def _number(params: dict[str, Any], name: str, default: float | None, *, integer: bool) -> float:
@@ -88,6 +94,10 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
         policy: an eviction policy name of :data:`lmcache.policies.POLICIES` (default: the cache's).
         namespace: seeds every key: adapters whose chunks must never mix use different ones.
         num_workers: threads running the tasks (default 2).
+        socket_path: the socket of a shared host cache server (``python -m lmcache serve --socket PATH
+            --kv-shape 1,1,1,1,N --dtype uint8``, N at least ``max_object_bytes`` + 16) to keep the
+            objects in; None (default): a pool in this process. The server sets the memory and the
+            policy: ``cache_gib`` and ``policy`` are refused with it.
 
     Raises:
         ConfigError: a value is unusable (the message names the key).
@@ -100,6 +110,7 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
         policy: str | None = None,
         namespace: str = "",
         num_workers: int = DEFAULT_NUM_WORKERS,
+        socket_path: str | None = None,
     ) -> None:
         params = {"max_object_bytes": max_object_bytes, "cache_gib": cache_gib, "num_workers": num_workers}
         self.max_object_bytes = int(_number(params, "max_object_bytes", None, integer=True))
@@ -109,8 +120,11 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
             raise ConfigError(f"adapter_params policy must be one of {sorted(POLICIES)}, got {policy!r}")
         if not isinstance(namespace, str):
             raise ConfigError(f"adapter_params namespace must be a str, got {namespace!r}")
+        if socket_path is not None and (not isinstance(socket_path, str) or not socket_path):
+            raise ConfigError(f"adapter_params socket_path must be a path (str), got {socket_path!r}")
         self.policy = policy
         self.namespace = namespace
+        self.socket_path = socket_path
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> MempoolL2AdapterConfig:
@@ -129,12 +143,20 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
                 "adapter_params needs max_object_bytes: the byte size of one KV chunk in LMCache's L1 "
                 "(num_layers * 2 * chunk_size * num_kv_heads * head_size * dtype bytes)"
             )
+        if d.get("socket_path") is not None:
+            local = sorted({"cache_gib", "policy"} & set(d))
+            if local:
+                raise ConfigError(
+                    f"adapter_params {local} do not apply with socket_path: the shared cache server sets "
+                    "its memory and policy (python -m lmcache serve --size-gib N --policy NAME)"
+                )
         return cls(
             d["max_object_bytes"],
             d.get("cache_gib", DEFAULT_CACHE_GIB),
             d.get("policy"),
             d.get("namespace", ""),
             d.get("num_workers", DEFAULT_NUM_WORKERS),
+            d.get("socket_path"),
         )
 
     @classmethod
@@ -146,7 +168,8 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
             f"- cache_gib (float): host memory budget in GiB (default {DEFAULT_CACHE_GIB})\n"
             f"- policy (str): eviction policy, one of {sorted(POLICIES)}\n"
             "- namespace (str): seeds every key (default '')\n"
-            f"- num_workers (int): task threads (default {DEFAULT_NUM_WORKERS})"
+            f"- num_workers (int): task threads (default {DEFAULT_NUM_WORKERS})\n"
+            "- socket_path (str): a shared host cache server's socket (python -m lmcache serve)"
         )
 
 
@@ -192,15 +215,32 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
                 f"config must be a MempoolL2AdapterConfig or a dict, got {type(config).__name__}"
             )
         slot = config.max_object_bytes + HEADER_BYTES
-        meta = LMCacheMemPoolMetadata((1, 1, 1, 1, slot), "uint8", config.cache_gib)
-        pool = LocalCPUPool(meta, backend="torch")
-        super().__init__(max_capacity_bytes=pool.max_chunk_num * config.max_object_bytes)
+        namespace = "lmcache-l2|" + config.namespace
+        #: The pool the objects' bytes live in (None with a shared cache server: the server's).
+        self.pool: LocalCPUPool | None = None
+        #: The cache holding one entry per stored key: in this process, or a shared server's client.
+        self.cache: ChunkCache | SharedChunkCache
+        if config.socket_path is None:
+            meta = LMCacheMemPoolMetadata((1, 1, 1, 1, slot), "uint8", config.cache_gib)
+            self.pool = LocalCPUPool(meta, backend="torch")
+            self.cache = ChunkCache(self.pool, namespace=namespace, policy=config.policy)
+            capacity = self.pool.max_chunk_num * config.max_object_bytes
+        else:
+            self.cache = connect(config.socket_path, backend="torch", namespace=namespace)
+            layout = self.cache.layout
+            fits = layout.kv_shape[:4] == (1, 1, 1, 1) and layout.chunk_bytes >= slot
+            if not fits or layout.dtype.name != "uint8":
+                self.cache.close()
+                raise ConfigError(
+                    f"the cache server at {config.socket_path} keeps chunks of shape {layout.kv_shape} "
+                    f"{layout.dtype.name}; this adapter needs (1, 1, 1, 1, N) uint8 with N >= {slot} "
+                    f"(max_object_bytes + {HEADER_BYTES}): start it with --kv-shape 1,1,1,1,{slot} "
+                    "--dtype uint8"
+                )
+            capacity = 0  # the server evicts for all its clients: no aggregate eviction from LMCache
+        super().__init__(max_capacity_bytes=capacity)
         self.config = config
-        #: The pool the objects' bytes live in.
-        self.pool = pool
-        #: The cache holding one entry per stored key.
-        self.cache = ChunkCache(pool, namespace="lmcache-l2|" + config.namespace, policy=config.policy)
-        self._root = hashlib.blake2b(self.cache.namespace.encode(), digest_size=16).digest()
+        self._root = hashlib.blake2b(namespace.encode(), digest_size=16).digest()
         self._lock = threading.Lock()
         self._closed = False
         self._next_task: L2TaskId = 0
@@ -314,6 +354,8 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
     def _report_evictions(self) -> None:
         """Tell LMCache's listeners about the stored keys the cache evicted since the last call (a scan of
         the stored keys, only when the eviction count moved)."""
+        if not isinstance(self.cache, ChunkCache):
+            return  # a shared server evicts for every client: not tracked per client
         evicted = self.cache.stats().evicted
         with self._lock:
             if evicted == self._evicted_seen:
@@ -405,7 +447,7 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
 
     def _load_one(self, key: ObjectKey, obj: MemoryObj) -> bool:
         dst = _object_bytes(obj)
-        with self.cache.pin_keys([self.digest(key)], 1) as pin:
+        with self.cache.lease_keys([self.digest(key)], 1) as pin:
             if not pin.num_tokens:
                 return False
             slot = pin.chunks[0].as_torch().reshape(-1)
@@ -425,7 +467,11 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
     # -- eviction, status, lifecycle ---------------------------------------------------------------------
     def delete(self, keys: list[ObjectKey]) -> None:
         """Drop ``keys`` from the cache now (LMCache's L2 eviction calls this); a locked key, or one not
-        stored, stays. Listeners hear of the keys dropped."""
+        stored, stays. Listeners hear of the keys dropped. With a shared cache server nothing is dropped
+        (its protocol has no delete; its policy evicts)."""
+        if not isinstance(self.cache, ChunkCache):
+            logger.debug("lmcache-mempool L2 adapter: delete of %d keys ignored (shared server)", len(keys))
+            return
         digests = {self.digest(key): key for key in keys}
         dropped = set(self.cache.discard_keys(list(digests)))
         with self._lock:
@@ -444,7 +490,8 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
             "type": type(self).__name__,
             "stored_object_count": stats.chunks,
             "locked_key_count": locked,
-            "slots": self.pool.max_chunk_num,
+            "slots": self.pool.max_chunk_num if self.pool is not None else None,
+            "socket_path": self.config.socket_path,
             "evicted": stats.evicted,
             "max_capacity_bytes": self._max_capacity_bytes,
         }
@@ -463,7 +510,8 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         for lease in leases:
             lease.release()
         self.cache.close()
-        self.pool.close()
+        if self.pool is not None:
+            self.pool.close()
         for notifier in (self._store_fd, self._lookup_fd, self._load_fd):
             notifier.close()
 
