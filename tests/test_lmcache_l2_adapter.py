@@ -534,3 +534,29 @@ def test_shared_mode_refuses_a_server_of_another_layout_and_local_only_params(so
         _make(max_object_bytes=64, socket_path=socket_path)
     with CacheServer(socket_path, _server_metadata(32, 0.001)), pytest.raises(ConfigError, match="N >= 80"):
         _make(max_object_bytes=64, socket_path=socket_path)
+
+
+def test_a_raising_listener_still_completes_the_task() -> None:
+    """LMCache's controllers wait on the fd: a listener that raises must not leave a task unfinished."""
+    import torch
+
+    from lmcache.v1.distributed.internal_api import L2AdapterListener
+
+    class Broken(L2AdapterListener):  # type: ignore[misc]
+        def on_l2_keys_stored(self, keys: list[Any], sizes: list[int]) -> None:
+            raise RuntimeError("listener down")
+
+        def on_l2_keys_accessed(self, keys: list[Any]) -> None:
+            raise RuntimeError("listener down")
+
+        def on_l2_keys_deleted(self, keys: list[Any]) -> None:
+            pass
+
+    adapter = _make(max_object_bytes=64, cache_gib=0.001)
+    adapter.register_listener(Broken())
+    fill = np.arange(64, dtype=np.uint8)
+    assert not _store(adapter, [_key(1)], [_obj((64,), torch.uint8, fill)]).is_successful()
+    dst = _obj((64,), torch.uint8)
+    assert _load(adapter, [_key(1)], [dst]) == [True]  # the bytes were stored and are loaded
+    np.testing.assert_array_equal(_bits(dst), fill)
+    adapter.close()

@@ -31,7 +31,7 @@ import hashlib
 import logging
 import struct
 import threading
-from collections import defaultdict
+from collections import defaultdict, deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -47,7 +47,8 @@ from lmcache.chunk_cache import ChunkCache  # noqa: E402
 from lmcache.config import LMCacheMemPoolMetadata  # noqa: E402
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError  # noqa: E402
 from lmcache.lmcache_native import Bitmap  # noqa: E402
-from lmcache.policies import POLICIES  # noqa: E402
+from lmcache.policies import POLICIES, EvictionPolicy, make_policy  # noqa: E402
+from lmcache.policies.base import Key  # noqa: E402
 from lmcache.shared import SharedChunkCache, connect  # noqa: E402
 from lmcache.storage_backend.mem_pool import LocalCPUPool  # noqa: E402
 from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey  # noqa: E402
@@ -173,6 +174,45 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
         )
 
 
+class _ReportingPolicy:
+    """A cache's eviction policy that also records the keys it evicts (the cache calls ``evict`` under its
+    lock for each chunk it drops to make room), so the adapter tells LMCache which objects left."""
+
+    def __init__(self, inner: EvictionPolicy, evicted: deque[Key]) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self._evicted = evicted
+
+    def insert(self, key: Key, parent: Key | None) -> None:
+        """As the wrapped policy."""
+        self.inner.insert(key, parent)
+
+    def touch(self, key: Key) -> None:
+        """As the wrapped policy."""
+        self.inner.touch(key)
+
+    def hold(self, key: Key) -> None:
+        """As the wrapped policy."""
+        self.inner.hold(key)
+
+    def release(self, key: Key) -> None:
+        """As the wrapped policy."""
+        self.inner.release(key)
+
+    def victim(self) -> Key | None:
+        """As the wrapped policy."""
+        return self.inner.victim()
+
+    def evict(self, key: Key) -> None:
+        """Record ``key``, then as the wrapped policy."""
+        self._evicted.append(key)
+        self.inner.evict(key)
+
+    def discard(self, key: Key) -> None:
+        """As the wrapped policy."""
+        self.inner.discard(key)
+
+
 def _object_bytes(obj: MemoryObj) -> torch.Tensor:
     """The ``get_size()`` bytes of ``obj`` as a 1-D ``uint8`` view of its tensor (no copy: a store reads
     it, a load writes it).
@@ -216,6 +256,7 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
             )
         slot = config.max_object_bytes + HEADER_BYTES
         namespace = "lmcache-l2|" + config.namespace
+        self._evicted: deque[Key] = deque()  # digests the cache evicted, not yet reported
         #: The pool the objects' bytes live in (None with a shared cache server: the server's).
         self.pool: LocalCPUPool | None = None
         #: The cache holding one entry per stored key: in this process, or a shared server's client.
@@ -223,7 +264,8 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         if config.socket_path is None:
             meta = LMCacheMemPoolMetadata((1, 1, 1, 1, slot), "uint8", config.cache_gib)
             self.pool = LocalCPUPool(meta, backend="torch")
-            self.cache = ChunkCache(self.pool, namespace=namespace, policy=config.policy)
+            policy = _ReportingPolicy(make_policy(config.policy, self.pool.max_chunk_num), self._evicted)
+            self.cache = ChunkCache(self.pool, namespace=namespace, policy=policy)
             capacity = self.pool.max_chunk_num * config.max_object_bytes
         else:
             self.cache = connect(config.socket_path, backend="torch", namespace=namespace)
@@ -248,8 +290,8 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         self._lookups: dict[L2TaskId, Bitmap] = {}
         self._loads: dict[L2TaskId, Bitmap] = {}
         self._leases: dict[ObjectKey, list[Lease]] = defaultdict(list)
-        self._sizes: dict[ObjectKey, int] = {}  # what LMCache was told is stored, for its accounting
-        self._evicted_seen = 0
+        # What LMCache was told is stored, by digest, for its accounting.
+        self._sizes: dict[bytes, tuple[ObjectKey, int]] = {}
         self._store_fd = create_event_notifier()
         self._lookup_fd = create_event_notifier()
         self._load_fd = create_event_notifier()
@@ -286,7 +328,7 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
                 raise ConfigError("this L2 adapter was closed: create a new one")
             task_id = self._next_task
             self._next_task += 1
-        self._workers.submit(run, task_id)
+            self._workers.submit(run, task_id)  # under the lock: close() cannot shut the pool between
         return task_id
 
     def _check_batch(self, keys: list[ObjectKey], objects: list[MemoryObj]) -> None:
@@ -311,25 +353,30 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         ok = True
         stored: list[ObjectKey] = []
         sizes: list[int] = []
-        for key, obj in zip(keys, objects, strict=True):
-            try:
-                size = self._store_one(key, obj)
-            except Exception:  # a task reports its failure through its result
-                logger.exception("lmcache-mempool L2 adapter: storing %s failed", key)
-                ok = False
-                continue
-            if size is not None:
-                stored.append(key)
-                sizes.append(size)
-        with self._lock:
-            for key, size in zip(stored, sizes, strict=True):
-                self._sizes[key] = size
-        if stored:
-            self._notify_keys_stored(stored, sizes)
-        self._report_evictions()
-        with self._lock:
-            self._stores[task_id] = L2StoreResult(ok, sum(sizes))
-        self._store_fd.notify()
+        try:
+            for key, obj in zip(keys, objects, strict=True):
+                try:
+                    size = self._store_one(key, obj)
+                except Exception:  # a task reports its failure through its result
+                    logger.exception("lmcache-mempool L2 adapter: storing %s failed", key)
+                    ok = False
+                    continue
+                if size is not None:
+                    stored.append(key)
+                    sizes.append(size)
+            with self._lock:
+                for key, size in zip(stored, sizes, strict=True):
+                    self._sizes[self.digest(key)] = (key, size)
+            self._report_evictions()
+            if stored:
+                self._notify_keys_stored(stored, sizes)
+        except Exception:  # a listener that raised: the task still completes, as failed
+            logger.exception("lmcache-mempool L2 adapter: store task %d failed", task_id)
+            ok = False
+        finally:
+            with self._lock:
+                self._stores[task_id] = L2StoreResult(ok, sum(sizes))
+            self._store_fd.notify()
 
     def _store_one(self, key: ObjectKey, obj: MemoryObj) -> int | None:
         """Copy ``obj`` into a new slot under ``key``; its byte count, or None when not stored now."""
@@ -352,17 +399,17 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         return size
 
     def _report_evictions(self) -> None:
-        """Tell LMCache's listeners about the stored keys the cache evicted since the last call (a scan of
-        the stored keys, only when the eviction count moved)."""
-        if not isinstance(self.cache, ChunkCache):
-            return  # a shared server evicts for every client: not tracked per client
-        evicted = self.cache.stats().evicted
+        """Tell LMCache's listeners about the stored keys the cache evicted since the last call (a shared
+        server evicts for every client: nothing is recorded there)."""
+        gone: list[ObjectKey] = []
+        sizes: list[int] = []
         with self._lock:
-            if evicted == self._evicted_seen:
-                return
-            self._evicted_seen = evicted
-            gone = [key for key in self._sizes if self.digest(key) not in self.cache]
-            sizes = [self._sizes.pop(key) for key in gone]
+            while self._evicted:
+                digest = self._evicted.popleft()
+                entry = self._sizes.pop(digest, None) if isinstance(digest, bytes) else None
+                if entry is not None:
+                    gone.append(entry[0])
+                    sizes.append(entry[1])
         if gone:
             self._notify_keys_deleted(gone, sizes)
 
@@ -381,21 +428,23 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
 
     def _run_lookup(self, task_id: L2TaskId, keys: list[ObjectKey]) -> None:
         bitmap = Bitmap(len(keys))
-        for i, key in enumerate(keys):
-            try:
-                lease = self.cache.lease_keys([self.digest(key)], 1)
-            except Exception:  # a failed lookup of one key is a miss
-                logger.exception("lmcache-mempool L2 adapter: looking up %s failed", key)
-                continue
-            if not lease.num_tokens:
-                lease.release()
-                continue
+        try:
+            for i, key in enumerate(keys):
+                try:
+                    lease = self.cache.lease_keys([self.digest(key)], 1)
+                except Exception:  # a failed lookup of one key is a miss
+                    logger.exception("lmcache-mempool L2 adapter: looking up %s failed", key)
+                    continue
+                if not lease.num_tokens:
+                    lease.release()
+                    continue
+                with self._lock:
+                    self._leases[key].append(lease)
+                bitmap.set(i)
+        finally:
             with self._lock:
-                self._leases[key].append(lease)
-            bitmap.set(i)
-        with self._lock:
-            self._lookups[task_id] = bitmap
-        self._lookup_fd.notify()
+                self._lookups[task_id] = bitmap
+            self._lookup_fd.notify()
 
     def query_lookup_and_lock_result(self, task_id: L2TaskId) -> Bitmap | None:
         """The bitmap of a completed lookup-and-lock task (1: found and locked), once; None before."""
@@ -430,20 +479,24 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
     def _run_load(self, task_id: L2TaskId, keys: list[ObjectKey], objects: list[MemoryObj]) -> None:
         bitmap = Bitmap(len(keys))
         loaded: list[ObjectKey] = []
-        for i, (key, obj) in enumerate(zip(keys, objects, strict=True)):
-            try:
-                found = self._load_one(key, obj)
-            except Exception:  # a failed load of one key is reported by its bit
-                logger.exception("lmcache-mempool L2 adapter: loading %s failed", key)
-                continue
-            if found:
-                bitmap.set(i)
-                loaded.append(key)
-        if loaded:
-            self._notify_keys_accessed(loaded)
-        with self._lock:
-            self._loads[task_id] = bitmap
-        self._load_fd.notify()
+        try:
+            for i, (key, obj) in enumerate(zip(keys, objects, strict=True)):
+                try:
+                    found = self._load_one(key, obj)
+                except Exception:  # a failed load of one key is reported by its bit
+                    logger.exception("lmcache-mempool L2 adapter: loading %s failed", key)
+                    continue
+                if found:
+                    bitmap.set(i)
+                    loaded.append(key)
+            if loaded:
+                self._notify_keys_accessed(loaded)
+        except Exception:  # a listener that raised: the bytes are loaded, the task completes
+            logger.exception("lmcache-mempool L2 adapter: load task %d: a listener failed", task_id)
+        finally:
+            with self._lock:
+                self._loads[task_id] = bitmap
+            self._load_fd.notify()
 
     def _load_one(self, key: ObjectKey, obj: MemoryObj) -> bool:
         dst = _object_bytes(obj)
@@ -472,11 +525,15 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         if not isinstance(self.cache, ChunkCache):
             logger.debug("lmcache-mempool L2 adapter: delete of %d keys ignored (shared server)", len(keys))
             return
-        digests = {self.digest(key): key for key in keys}
-        dropped = set(self.cache.discard_keys(list(digests)))
+        dropped = self.cache.discard_keys(list(dict.fromkeys(self.digest(key) for key in keys)))
+        gone: list[ObjectKey] = []
+        sizes: list[int] = []
         with self._lock:
-            gone = [key for digest, key in digests.items() if digest in dropped and key in self._sizes]
-            sizes = [self._sizes.pop(key) for key in gone]
+            for digest in dropped:
+                entry = self._sizes.pop(digest, None)
+                if entry is not None:
+                    gone.append(entry[0])
+                    sizes.append(entry[1])
         if gone:
             self._notify_keys_deleted(gone, sizes)
 
