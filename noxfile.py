@@ -229,6 +229,59 @@ def sglang_jax(session: nox.Session) -> None:
     session.run("pytest", "tests/test_sglang_jax_adapter.py", *session.posargs, env=env)
 
 
+# LMCache 0.5.6's L2 adapter interface and plugin loader import on the CPU torch; its wheel requires a CUDA
+# stack (cupy, cufile, nvtx) and servers' clients they never import. The lmcache_l2 session installs the
+# packages those imports need (found by importing them in a bare venv; LMCache's own pins where it has
+# them), then lmcache-mempool, then LMCache with --no-deps and last: both install a package named
+# `lmcache`, and LMCache's __init__.py must be the one kept (see docs/engines-lmcache.md).
+LMCACHE = "lmcache==0.5.6"
+LMCACHE_IMPORT_DEPS = [
+    "numpy<=2.2.6",
+    "numba",
+    "prometheus_client>=0.18.0,<=0.24.1",
+    "py-cpuinfo",
+    "psutil",
+    "aiohttp",
+    "requests",
+    "cachetools",
+    "pyyaml",
+    "cryptography",
+]
+# What `lmcache server` imports besides (its HTTP frontend, ZMQ transport, token hasher, telemetry): the
+# session starts one with our adapter.
+LMCACHE_SERVER_DEPS = [
+    "fastapi",
+    "uvicorn",
+    "httpx",
+    "msgspec",
+    "pyzmq>=25.0.0",
+    "blake3",
+    "opentelemetry-api>=1.20.0,<=1.40.0",
+    "opentelemetry-sdk>=1.20.0",
+    "opentelemetry-exporter-otlp>=1.20.0",
+    "opentelemetry-exporter-prometheus>=0.50b0,<=0.61b0",
+]
+
+
+@nox.session(default=False)
+def lmcache_l2(session: nox.Session) -> None:
+    """The LMCache adapter (lmcache_mempool_l2) against LMCache 0.5.6 on the CPU torch: LMCache's own
+    MockL2Adapter and reference-plugin cases with our adapter, its plugin loader building ours, bytes exact
+    through its L2 adapter interface, and `lmcache server` started with it.
+
+    Not in the default run: LMCache's import-time dependencies include numba.
+    """
+    session.install(*TORCH)
+    torch_pin = session.create_tmp() + "/torch-constraint.txt"
+    with open(torch_pin, "w") as pin:
+        pin.write(TORCH[0] + "\n")
+    session.install("-c", torch_pin, *LMCACHE_IMPORT_DEPS, *LMCACHE_SERVER_DEPS, *TEST_DEPS)
+    session.install("-c", torch_pin, ".")
+    session.install("--no-deps", "--force-reinstall", LMCACHE)
+    env = {"LMCACHE_REQUIRE_BACKENDS": "lmcache.v1"}
+    session.run("pytest", "tests/test_lmcache_l2_adapter.py", *session.posargs, env=env)
+
+
 @nox.session
 def lint(session: nox.Session) -> None:
     """ruff: lint and formatting."""

@@ -28,7 +28,7 @@ class CacheStats:
         pinned: chunks pinned now by leases or by running ``store`` / ``retrieve`` calls.
         stored: chunks copied in, ever.
         evicted: chunks dropped to make room, ever.
-        cleared: chunks dropped by :meth:`ChunkCache.clear`, ever.
+        cleared: chunks dropped by :meth:`ChunkCache.clear` or :meth:`ChunkCache.discard_keys`, ever.
         hit_tokens: tokens found, over ``lookup``, ``retrieve`` and ``lease`` calls.
         query_tokens: tokens asked for, over ``lookup``, ``retrieve`` and ``lease`` calls.
         remote_hits: chunks fetched from the remote tier (0 without one; the tier's counters, shared by

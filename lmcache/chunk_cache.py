@@ -515,6 +515,23 @@ class ChunkCache:
         """
         return self._index.clear()
 
+    def discard_keys(self, keys: Sequence[bytes]) -> list[bytes]:
+        """Drop the chunks ``keys`` (each one of :meth:`keys`' results, any order) from the slots; return
+        those dropped. Only unpinned leaves go (see :meth:`PrefixIndex.discard
+        <lmcache.prefix_index.PrefixIndex.discard>`): for callers that keep one-chunk entries and delete
+        them by key (engine adapters whose engine evicts). ``stats().cleared`` counts them. Copies in the
+        disk or remote tier stay there (a later lookup may find them again).
+
+        Raises:
+            ConfigError: a key is not ``KEY_BYTES`` bytes; nothing is dropped.
+            PoolClosedError: the pool was closed; nothing is dropped.
+        """
+        keys = list(keys)
+        bad = [key for key in keys if not isinstance(key, bytes) or len(key) != KEY_BYTES]
+        if bad:
+            raise ConfigError(f"every key must be {KEY_BYTES} bytes (one of ChunkCache.keys), got {bad[0]!r}")
+        return self._index.discard(keys)
+
     def __repr__(self) -> str:
         return (
             f"ChunkCache({len(self._index)} chunks, namespace={self.namespace!r}, "

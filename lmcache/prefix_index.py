@@ -259,6 +259,30 @@ class PrefixIndex:
                     leaves.append(parent)
         return count
 
+    def discard(self, keys: Iterable[bytes]) -> list[bytes]:
+        """Drop each chunk of ``keys`` that is cached, unpinned and a leaf (no cached children), giving
+        its slot back; return the keys dropped, in order. Others are kept: a pinned chunk is in use, and
+        dropping a parent would leave its children without their prefix. Keys are taken in order, so a
+        parent named after its last child goes too; a key named twice counts once.
+
+        Raises:
+            PoolClosedError: the pool was closed (no slot could be given back); nothing is dropped.
+        """
+        dropped: list[bytes] = []
+        with self._lock:
+            self._drain()
+            if self._slots.closed:
+                raise closed_error()
+            for key in keys:
+                entry = self._entries.get(key)
+                if entry is None or entry.pins or entry.children:
+                    continue
+                self._slots.free(entry.obj)
+                self._remove(entry, evicted=False)
+                self._cleared += 1
+                dropped.append(key)
+        return dropped
+
     # -- what a Reservation asks for (this module's companion class) ----------------------------------
     def _walk(
         self,

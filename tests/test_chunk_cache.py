@@ -278,6 +278,30 @@ def test_leased_chunks_survive_stores_and_clear() -> None:
     assert cache.stats().chunks == 0
 
 
+def test_discard_keys_drops_unpinned_leaves_only() -> None:
+    cache = _cache(slots=8)
+    a = _prompt(3 * CHUNK, 1)
+    b = _prompt(CHUNK, 2)
+    cache.store(a, prefix_kv(a))
+    cache.store(b, prefix_kv(b))
+    ka, kb = cache.keys(a), cache.keys(b)
+    # a parent (a's first two chunks have children) stays; a leased leaf stays; unknown keys are ignored
+    with cache.lease(b):
+        assert cache.discard_keys([ka[0], ka[1], kb[0], b"\0" * KEY_BYTES]) == []
+    assert cache.discard_keys([ka[2], kb[0], kb[0]]) == [ka[2], kb[0]]
+    assert cache.lookup(a) == 2 * CHUNK
+    assert cache.lookup(b) == 0
+    assert cache.discard_keys([ka[0], ka[1]]) == [ka[1]]  # ka[0] still had its child when it was asked
+    assert cache.discard_keys(ka[::-1]) == [ka[0]]
+    cache.store(a, prefix_kv(a))
+    assert cache.discard_keys(ka[::-1]) == ka[::-1]  # children first: each parent is a leaf by its turn
+    stats = cache.stats()
+    assert (stats.chunks, stats.cleared, stats.evicted) == (0, 7, 0)
+    assert cache.store(a, prefix_kv(a)) == 3 * CHUNK  # the slots came back
+    with pytest.raises(ConfigError, match="every key must be 16 bytes"):
+        cache.discard_keys([b"short"])
+
+
 def test_leases_count_and_release_is_idempotent() -> None:
     cache = _cache(slots=2)
     a = _prompt(CHUNK, 1)

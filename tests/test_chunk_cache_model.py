@@ -165,6 +165,20 @@ class CacheModel(RuleBasedStateMachine):
         self.cleared += len(dropped)
         assert self.cache.clear() == len(dropped)
 
+    @precondition(lambda self: bool(self.impl_key))
+    @rule(data=st.data())
+    def discard_keys(self, data: st.DataObject) -> None:
+        chunks = data.draw(st.lists(st.sampled_from(sorted(self.impl_key)), max_size=6))
+        leased = self._leased()
+        dropped = []
+        for chunk in chunks:  # in order: a parent named after its last child goes too
+            if chunk in self.cached and chunk not in leased and chunk not in set(self.cached.values()):
+                self._drop(chunk)
+                dropped.append(chunk)
+        self.cleared += len(dropped)
+        got = self.cache.discard_keys([self.impl_key[chunk] for chunk in chunks])
+        assert got == [self.impl_key[chunk] for chunk in dropped]
+
     @rule()
     def user_allocates(self) -> None:
         obj = self.pool.allocate(np.zeros((2, 2, CHUNK, 2, 8), np.float16))
