@@ -190,7 +190,7 @@ def bench_paged_jax(opts: Options) -> list[Result]:
     module = kernels("jax")
     src = jnp.asarray(_random_bits((L, 2, T, HEADS, HEAD_SIZE), 2).view(jnp.bfloat16)).block_until_ready()
     copy = jax.jit(jnp.copy)
-    copy_src = np.asarray(src).view(np.uint16)
+    copy_src = np.asarray(src).view(np.uint16).copy()  # writable: torch warns on read-only memory
     copy_dst = np.empty_like(copy_src)
     np.copyto(copy_dst, copy_src)  # fault the pages in
     pool = _paged_pool("jax", L, T // CHUNK_SIZE)
