@@ -358,3 +358,23 @@ def test_jax_scatter_pieces_writes_each_piece(
     assert_same(paged)
     paged.caches = module.scatter_pieces(paged.caches, spec, table, [])  # nothing to write: unchanged
     assert_same(paged)
+
+
+def test_jax_scatter_pieces_refuses_bad_pieces_before_donating() -> None:
+    require("jax")
+    module = kernels("jax")
+    paged = Paged("jax", "stacked", (2, 2, 6, 4, 2, 8))
+    spec = describe(paged.caches, "stacked")
+    table = block_table([4, 0, 5], 12, spec)
+    good = random_src(paged, 4, seed=1).view(spec.dtype.numpy_dtype)
+    bad = [
+        ([(0, good[:, :, :, :1])], "has shape"),
+        ([(0, good.view(np.uint16))], "has dtype"),
+        ([(10, good)], "block table covers 12 tokens"),
+        ([(0, good), (-4, good)], "covers tokens -4"),
+    ]
+    for pieces, message in bad:
+        with pytest.raises(ChunkShapeError, match=message):
+            module.scatter_pieces(paged.caches, spec, table, pieces)
+        assert not paged.caches.is_deleted()  # nothing donated
+        assert_same(paged)

@@ -242,11 +242,31 @@ def scatter_pieces(
 
     Returns:
         The new paged cache: one array (``"stacked"``) or a list (``"interleaved"``).
+
+    Raises:
+        ChunkShapeError: a piece has the wrong shape or dtype, or lies past the tokens ``table`` covers;
+            nothing was donated or written.
     """
     _check_layout(spec)
     caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
     if not pieces:
         return caches
+    for start, piece in pieces:  # before anything is donated: a bad piece leaves the cache as it was
+        shape = tuple(piece.shape)
+        if len(shape) != 5 or shape != spec.chunk_shape(shape[2]) or shape[2] < 1:
+            raise ChunkShapeError(
+                f"a piece at token {start} has shape {shape}, expected {spec.chunk_shape(1)[:2]} + "
+                f"(n, {spec.num_kv_heads}, {spec.head_size}) with n >= 1"
+            )
+        if np.dtype(piece.dtype) != spec.dtype.numpy_dtype:
+            raise ChunkShapeError(
+                f"a piece at token {start} has dtype {piece.dtype}, the paged cache {spec.dtype.name}"
+            )
+        if start < 0 or start + shape[2] > table.shape[0] * spec.block_size:
+            raise ChunkShapeError(
+                f"a piece covers tokens {start}..{start + shape[2] - 1}, but the block table covers "
+                f"{table.shape[0] * spec.block_size} tokens; pass a table for the whole range"
+            )
     if not _host_writable(caches, spec):
         total = max(start + piece.shape[2] for start, piece in pieces)
         staging = np.empty(spec.chunk_shape(-(-total // bucket) * bucket), spec.dtype.numpy_dtype)
