@@ -11,6 +11,7 @@ from __future__ import annotations
 from functools import partial
 from typing import Any
 
+import numpy as np
 import pytest
 from hypothesis import settings
 from hypothesis import strategies as st
@@ -178,3 +179,27 @@ def test_unknown_policies_and_non_policies_are_refused() -> None:
         make_policy("mru", 4)
     with pytest.raises(ConfigError, match="has no"):
         make_policy(object(), 4)  # type: ignore[arg-type]
+
+
+def test_eviction_recorder_forwards_and_records_in_order() -> None:
+    from collections import deque
+
+    from lmcache.policies.recorder import EvictionRecorder
+
+    pool = cache_pool("numpy", slots=2)
+    recorder = EvictionRecorder(make_policy("lru", 2))
+    cache = ChunkCache(pool, policy=recorder)
+    assert cache.policy is recorder
+    assert recorder.name == recorder.policy.name == "lru"
+    for first in (0, 1000, 2000):  # one chunk per prompt: the third store evicts the first
+        cache.store(list(range(first, first + CHUNK)), np.zeros((2, 2, CHUNK, 2, 8), np.float16))
+    evicted = recorder.drain()
+    assert evicted == cache.keys(list(range(CHUNK)))  # the least recently used, once
+    assert recorder.drain() == []
+    sink: deque[bytes] = deque()
+    sinking = EvictionRecorder(make_policy("lru", 2), sink.append)
+    other = ChunkCache(cache_pool("numpy", slots=2), policy=sinking)
+    for first in (0, 1000, 2000):
+        other.store(list(range(first, first + CHUNK)), np.zeros((2, 2, CHUNK, 2, 8), np.float16))
+    assert list(sink) == other.keys(list(range(CHUNK)))
+    assert sinking.drain() == []

@@ -47,8 +47,9 @@ from lmcache.chunk_cache import ChunkCache  # noqa: E402
 from lmcache.config import LMCacheMemPoolMetadata  # noqa: E402
 from lmcache.errors import ChunkShapeError, ChunkTypeError, ConfigError  # noqa: E402
 from lmcache.lmcache_native import Bitmap  # noqa: E402
-from lmcache.policies import POLICIES, EvictionPolicy, make_policy  # noqa: E402
+from lmcache.policies import POLICIES, make_policy  # noqa: E402
 from lmcache.policies.base import Key  # noqa: E402
+from lmcache.policies.recorder import EvictionRecorder  # noqa: E402
 from lmcache.shared import SharedChunkCache, connect  # noqa: E402
 from lmcache.storage_backend.mem_pool import LocalCPUPool  # noqa: E402
 from lmcache.v1.distributed.api import MemoryLayoutDesc, ObjectKey  # noqa: E402
@@ -174,45 +175,6 @@ class MempoolL2AdapterConfig(L2AdapterConfigBase):  # type: ignore[misc]
         )
 
 
-class _ReportingPolicy:
-    """A cache's eviction policy that also records the keys it evicts (the cache calls ``evict`` under its
-    lock for each chunk it drops to make room), so the adapter tells LMCache which objects left."""
-
-    def __init__(self, inner: EvictionPolicy, evicted: deque[Key]) -> None:
-        self.inner = inner
-        self.name = inner.name
-        self._evicted = evicted
-
-    def insert(self, key: Key, parent: Key | None) -> None:
-        """As the wrapped policy."""
-        self.inner.insert(key, parent)
-
-    def touch(self, key: Key) -> None:
-        """As the wrapped policy."""
-        self.inner.touch(key)
-
-    def hold(self, key: Key) -> None:
-        """As the wrapped policy."""
-        self.inner.hold(key)
-
-    def release(self, key: Key) -> None:
-        """As the wrapped policy."""
-        self.inner.release(key)
-
-    def victim(self) -> Key | None:
-        """As the wrapped policy."""
-        return self.inner.victim()
-
-    def evict(self, key: Key) -> None:
-        """Record ``key``, then as the wrapped policy."""
-        self._evicted.append(key)
-        self.inner.evict(key)
-
-    def discard(self, key: Key) -> None:
-        """As the wrapped policy."""
-        self.inner.discard(key)
-
-
 def _object_bytes(obj: MemoryObj) -> torch.Tensor:
     """The ``get_size()`` bytes of ``obj`` as a 1-D ``uint8`` view of its tensor (no copy: a store reads
     it, a load writes it).
@@ -264,7 +226,9 @@ class MempoolL2Adapter(L2AdapterInterface):  # type: ignore[misc]
         if config.socket_path is None:
             meta = LMCacheMemPoolMetadata((1, 1, 1, 1, slot), "uint8", config.cache_gib)
             self.pool = LocalCPUPool(meta, backend="torch")
-            policy = _ReportingPolicy(make_policy(config.policy, self.pool.max_chunk_num), self._evicted)
+            policy = EvictionRecorder(
+                make_policy(config.policy, self.pool.max_chunk_num), self._evicted.append
+            )
             self.cache = ChunkCache(self.pool, namespace=namespace, policy=policy)
             capacity = self.pool.max_chunk_num * config.max_object_bytes
         else:

@@ -59,8 +59,8 @@ from lmcache.config import LMCacheMemPoolMetadata
 from lmcache.errors import CacheInvariantError, ConfigError
 from lmcache.hostmem import GIB
 from lmcache.layout import SlotLayout
-from lmcache.policies import EvictionPolicy, make_policy
-from lmcache.policies.base import Key
+from lmcache.policies import make_policy
+from lmcache.policies.recorder import EvictionRecorder
 from lmcache.storage_backend.mem_pool import LocalCPUPool
 from lmcache.storage_backend.mem_pool.base_pool import KVObj
 from lmcache_vllm.host_region import HostRegion, region_path
@@ -84,43 +84,6 @@ class LmcacheLoadStoreSpec(CPULoadStoreSpec):
         scheduler to its workers (pickled with ``MultiprocExecutor``), where the handles mean nothing;
         the workers address slots by index in the shared arena."""
         return CPULoadStoreSpec, (self.block_ids.tolist(),)
-
-
-class EvictionRecorder:
-    """An :class:`~lmcache.policies.base.EvictionPolicy` that runs another and remembers the keys it
-    evicted until :meth:`drain`, so the manager can tell vLLM which chunks left (``evicted_keys``)."""
-
-    def __init__(self, policy: EvictionPolicy) -> None:
-        self._policy = policy
-        self.name = policy.name
-        self._evicted: list[Key] = []
-
-    def drain(self) -> list[Key]:
-        """The keys evicted since the last call, oldest first."""
-        evicted, self._evicted = self._evicted, []
-        return evicted
-
-    def insert(self, key: Key, parent: Key | None) -> None:
-        self._policy.insert(key, parent)
-
-    def touch(self, key: Key) -> None:
-        self._policy.touch(key)
-
-    def hold(self, key: Key) -> None:
-        self._policy.hold(key)
-
-    def release(self, key: Key) -> None:
-        self._policy.release(key)
-
-    def victim(self) -> Key | None:
-        return self._policy.victim()
-
-    def evict(self, key: Key) -> None:
-        self._policy.evict(key)
-        self._evicted.append(key)
-
-    def discard(self, key: Key) -> None:
-        self._policy.discard(key)
 
 
 class LmcacheOffloadingManager(OffloadingManager):
