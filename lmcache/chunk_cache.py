@@ -526,6 +526,8 @@ class ChunkCache:
             ConfigError: a key is not ``KEY_BYTES`` bytes; nothing is dropped.
             PoolClosedError: the pool was closed; nothing is dropped.
         """
+        if isinstance(keys, (bytes, bytearray, str)):
+            raise ConfigError("keys must be a sequence of chunk keys (cache.keys(tokens)), not one key")
         keys = list(keys)
         bad = [key for key in keys if not isinstance(key, bytes) or len(key) != KEY_BYTES]
         if bad:

@@ -300,6 +300,9 @@ def test_discard_keys_drops_unpinned_leaves_only() -> None:
     assert cache.store(a, prefix_kv(a)) == 3 * CHUNK  # the slots came back
     with pytest.raises(ConfigError, match="every key must be 16 bytes"):
         cache.discard_keys([b"short"])
+    with pytest.raises(ConfigError, match="not one key"):
+        cache.discard_keys(cache.keys(a)[0])  # type: ignore[arg-type]
+    assert cache.stats().chunks == 3  # nothing dropped
 
 
 def test_leases_count_and_release_is_idempotent() -> None:

@@ -31,7 +31,7 @@ XLA_LAYOUTS = [(framework, layout, "xla") for framework, layout in FRAMEWORK_LAY
 def framework_layout(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> tuple[str, str]:
     require(request.param[0])
     if request.param[2:] == ("xla",):
-        monkeypatch.setattr(kernels("jax"), "_host_writable", lambda caches, spec: False)
+        monkeypatch.setattr(kernels("jax"), "_on_host", lambda caches, spec: False)
     return request.param[0], request.param[1]
 
 
@@ -340,7 +340,7 @@ def test_jax_scatter_pieces_writes_each_piece(
     require("jax")
     module = kernels("jax")
     if path == "xla":
-        monkeypatch.setattr(module, "_host_writable", lambda caches, spec: False)
+        monkeypatch.setattr(module, "_on_host", lambda caches, spec: False)
     paged = Paged("jax", layout, (2, 2, 12, 4, 2, 8))
     spec = describe(paged.caches, layout)
     table = block_table(np.random.default_rng(2).permutation(12), 30, spec)

@@ -12,9 +12,10 @@ Two facts shape the code:
   the program), so every dtype moves at memory speed and byte-exact.
 * The scatter donates the cache, so XLA writes the rows in place instead of copying the whole cache; the
   caller's input arrays are invalid afterwards and the returned ones replace them.
-* XLA:CPU's scatter moves 32 KiB rows at a quarter to two thirds of a copy's speed (single-threaded, and
-  slower still when the machine is busy). On the CPU the scatter therefore writes the rows with numpy,
-  one task per layer on the copy engine, into the cache's own buffers: a donating identity
+* XLA:CPU's scatter is slow for 32 KiB rows: 0.08x-0.23x of a numpy copy of the same bytes in two
+  runs on a busy 2-CPU machine (2026-12-04), 0.63x of a jitted copy in the 2026-12-02 bench. On the
+  CPU the scatter therefore writes the rows with numpy, one task per layer on the copy engine, into the
+  cache's own buffers: a donating identity
   (:func:`_own`) first takes the buffers over, which waits for every computation still reading them (as
   XLA's donation does), and returns new arrays that nothing else references, so no reader races the
   writes. Caches on other platforms and sharded ones take XLA's scatter.
@@ -121,15 +122,15 @@ def gather(
     m = -(-count // bucket) * bucket
     g = row_tokens(spec.block_size, start, m)
     used = -(-count // g)  # the last row may run past count, never past its block
-    rows = np.zeros(m // g, np.int32)
-    rows[:used] = row_index(table, spec.block_size, start, used * g, g)
     caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
-    if _host_writable(caches, spec):  # on the CPU: numpy into new host memory that the result aliases
+    if _on_host(caches, spec):  # on the CPU: numpy into new host memory that the result aliases
         out = _aligned_host(spec.chunk_shape(m), spec)
         gather_into(caches, spec, table, start, out[:, :, : used * g])
         if spec.layout == "stacked":
             return _to_device(out, spec, caches)
         return [_to_device(layer, spec, caches[0]) for layer in out]
+    rows = np.zeros(m // g, np.int32)
+    rows[:used] = row_index(table, spec.block_size, start, used * g, g)
     return _gather(caches, jnp.asarray(rows), layout=spec.layout, g=g)
 
 
@@ -215,14 +216,14 @@ def scatter(kv_caches: Any, spec: PagedSpec, table: np.ndarray, start: int, src:
         )
     if np.dtype(src.dtype) != spec.dtype.numpy_dtype:
         raise ChunkShapeError(f"the source has dtype {src.dtype}, the paged cache {spec.dtype.name}")
+    caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
+    if _on_host(caches, spec):
+        pieces = [(start, _host_source(src, spec)[:, :, :count])] if count else []
+        return scatter_pieces(caches, spec, table, pieces)
     m = shape[2]
     g = math.gcd(spec.block_size, start, count, m) or spec.block_size
-    rows_total = m // g
-    rows = spec.num_blocks * spec.block_size // g + np.arange(rows_total, dtype=np.int64)  # dropped
+    rows = spec.num_blocks * spec.block_size // g + np.arange(m // g, dtype=np.int64)  # dropped
     rows[: count // g] = row_index(table, spec.block_size, start, count, g)
-    caches = kv_caches if spec.layout == "stacked" else list(kv_caches)
-    if _host_writable(caches, spec):
-        return scatter_pieces(caches, spec, table, [(start, _host_source(src, spec)[:, :, :count])])
     if isinstance(src, np.ndarray):
         src = _to_device(src, spec, caches if spec.layout == "stacked" else caches[0])
     return _scatter(caches, jnp.asarray(rows.astype(np.int32)), src, layout=spec.layout, g=g)
@@ -267,7 +268,7 @@ def scatter_pieces(
                 f"a piece covers tokens {start}..{start + shape[2] - 1}, but the block table covers "
                 f"{table.shape[0] * spec.block_size} tokens; pass a table for the whole range"
             )
-    if not _host_writable(caches, spec):
+    if not _on_host(caches, spec):
         total = max(start + piece.shape[2] for start, piece in pieces)
         staging = np.empty(spec.chunk_shape(-(-total // bucket) * bucket), spec.dtype.numpy_dtype)
         for start, piece in pieces:
@@ -295,10 +296,10 @@ def scatter_pieces(
 def on_host(kv_caches: Any, spec: PagedSpec) -> bool:
     """Whether this module moves the cache's bytes with numpy on the host (:func:`gather_into`, and
     :func:`scatter` into the cache's own buffers; see the module notes), not with XLA."""
-    return _host_writable(kv_caches if spec.layout == "stacked" else list(kv_caches), spec)
+    return _on_host(kv_caches if spec.layout == "stacked" else list(kv_caches), spec)
 
 
-def _host_writable(caches: Any, spec: PagedSpec) -> bool:
+def _on_host(caches: Any, spec: PagedSpec) -> bool:
     for array in [caches] if spec.layout == "stacked" else caches:
         if not isinstance(array, jax.Array) or array.is_deleted() or len(array.devices()) != 1:
             return False
@@ -347,7 +348,7 @@ def _own(arrays: list[jax.Array]) -> list[jax.Array]:
 
 def _writable_bits(array: jax.Array, bits: Any) -> np.ndarray:
     """A writable numpy view of the bits of a dense CPU array that this module owns (from :func:`_own`;
-    :func:`_host_writable` checked the layout before the donation, which keeps it)."""
+    :func:`_on_host` checked the layout before the donation, which keeps it)."""
     nbytes = array.size * array.dtype.itemsize
     raw = memoryview((ctypes.c_char * nbytes).from_address(array.unsafe_buffer_pointer())).cast("B")
     writable: np.ndarray = np.frombuffer(raw, dtype=bits).reshape(array.shape)

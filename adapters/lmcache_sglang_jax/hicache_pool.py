@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as _PartitionSpec
 from sgl_jax.srt.mem_cache.host_kv_pool import HostKVPool
 
 from lmcache.config import LMCacheMemPoolMetadata
+from lmcache.dtypes import normalize_dtype
 from lmcache.errors import (
     ChunkShapeError,
     ConfigError,
@@ -78,18 +79,13 @@ def pad_to_page_bucket(num_pages: int) -> int:
     return -(-num_pages // largest) * largest
 
 
-def _bits_dtype(dtype: Any) -> np.dtype[Any]:
-    """The unsigned int dtype as wide as ``dtype``: transfers move bits, not values."""
-    return np.dtype(f"uint{np.dtype(dtype).itemsize * 8}")
-
-
 # XLA on the CPU rewrites the payload of a bfloat16 NaN in a scatter or concatenate (0x7F8C becomes
 # 0x7FC0); on the unsigned-int bits every op moves bytes unchanged. So pages are gathered, stacked and
 # scattered as bits and bitcast back only into the KV buffer.
 @partial(jax.jit, static_argnames=("out_sharding",))
 def _gather_one_layer(buf: jax.Array, page_indices: jax.Array, out_sharding: Any) -> jax.Array:
     """The bits of rows ``page_indices`` of one layer's KV buffer (one compile per bucket)."""
-    bits = jax.lax.bitcast_convert_type(buf, _bits_dtype(buf.dtype))
+    bits = jax.lax.bitcast_convert_type(buf, normalize_dtype(buf.dtype).bits_dtype)
     return bits.at[page_indices].get(out_sharding=out_sharding)
 
 
@@ -204,7 +200,7 @@ class LMCacheLRUHostKVPool(HostKVPool):  # type: ignore[misc]
             )
         shape = device_shape
         self._dtype = device_dtype
-        self._bits = _bits_dtype(device_dtype)
+        self._bits = normalize_dtype(device_dtype).bits_dtype
         self._device_pool = device_pool
         self._pool_size = int(pool_size)
         self._page_size = int(page_size)

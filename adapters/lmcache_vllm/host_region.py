@@ -21,14 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import mmap
 import os
 from hashlib import blake2b
 
-import numpy as np
-
 from lmcache.errors import ConfigError
 from lmcache.hostmem import check_host_capacity
+from lmcache.shared.memory import map_shared
 
 #: Where the regions live: a tmpfs, so the file is memory, never written to a disk.
 SHM_DIR = "/dev/shm"
@@ -73,16 +71,13 @@ class HostRegion:
                     "belongs to another engine with the same engine_id, or a crashed run left it; remove "
                     "the file or give this engine another engine_id"
                 )
-            self._mapping = mmap.mmap(
-                self._fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE
-            )
+            self._mapping, self.array = map_shared(self._fd, nbytes)
         except OSError as exc:
             os.close(self._fd)
             raise ConfigError(f"cannot map the shared host region {path}: {exc}") from exc
         except BaseException:
             os.close(self._fd)
             raise
-        self.array: np.ndarray = np.frombuffer(self._mapping, dtype=np.uint8)
 
     def close(self) -> None:
         """Let go of the region: the last process to close it removes the file's name (the memory goes

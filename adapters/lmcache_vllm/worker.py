@@ -215,9 +215,10 @@ class HostCopyHandler:
                 for page in range(self._blocks_per_chunk)
                 if (pages == page).any()
             ]
+            lowest, highest = int(blocks.min()), int(blocks.max())
             for ref in self.layer_refs_per_group[group]:
                 t = ref.tensor_idx
-                if blocks.min() < 0 or blocks.max() >= self._num_blocks[t]:
+                if lowest < 0 or highest >= self._num_blocks[t]:
                     raise CacheInvariantError(
                         f"job {job_id}: device blocks {blocks} not all in [0, {self._num_blocks[t]})"
                     )

@@ -120,10 +120,10 @@ class AdaptivePolicy:
     still hold among them). A uniform sample of keys sees the same reuse distances scaled by ``rate``, so
     its hit counts estimate the full shadow's in proportion, the same proportion for every expert, and the
     experts are compared as before. What it saves: per chunk use, the shadows' work and memory shrink by
-    ``rate``, so a million-chunk cache pays for its shadows what a 64k-chunk one does (their memory was
-    half of this policy's 1.7 KB per chunk). What it costs: after a change of leader only the sampled
-    chunks are known stale; the others leave in the new leader's own order. At or below ``sample`` chunks
-    (every capacity the trace replays measure) nothing is sampled.
+    ``rate``, so a million-chunk cache pays for its shadows what a 64k-chunk one does (they are part of
+    this policy's 1.7 KB of bookkeeping per chunk, docs/policies.md). What it costs: after a change of
+    leader only the sampled chunks are known stale; the others leave in the new leader's own order. At
+    or below ``sample`` chunks (every capacity the trace replays measure) nothing is sampled.
 
     Costs: each call is forwarded to every real expert, and each chain use is replayed once per shadow:
     O(experts) per call, O(1) amortized like the experts. Memory: per expert, its metadata for the real

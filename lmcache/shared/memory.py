@@ -23,7 +23,9 @@ from lmcache.hostmem import check_host_capacity
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 
-def _map(fd: int, nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+def map_shared(fd: int, nbytes: int) -> tuple[mmap.mmap, np.ndarray]:
+    """Map ``nbytes`` of the file ``fd`` shared and writable: the mapping and a ``uint8`` numpy array
+    of it (the mapping lives as long as any view of the array)."""
     mapping = mmap.mmap(fd, nbytes, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     return mapping, np.frombuffer(mapping, dtype=np.uint8)
 
@@ -55,7 +57,7 @@ class SharedArena:
                 os.fchown(fd, -1, gid)
             os.ftruncate(fd, nbytes)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
-            self._mapping, self.array = _map(fd, nbytes)
+            self._mapping, self.array = map_shared(fd, nbytes)
         except BaseException:
             os.close(fd)
             raise
@@ -90,7 +92,7 @@ def map_arena(fd: int, nbytes: int) -> np.ndarray:
             raise ProtocolError(
                 f"the server passed a {size}-byte file (seals {seals:#x}) for a {nbytes}-byte arena"
             )
-        _, array = _map(fd, nbytes)
+        _, array = map_shared(fd, nbytes)
     except OSError as exc:
         raise ProtocolError(f"the server's arena could not be mapped: {exc}") from exc
     finally:
@@ -98,4 +100,4 @@ def map_arena(fd: int, nbytes: int) -> np.ndarray:
     return array
 
 
-__all__ = ["SharedArena", "map_arena"]
+__all__ = ["SharedArena", "map_arena", "map_shared"]
